@@ -1,0 +1,104 @@
+"""Atomic saving and safe loading: safetensors or torch.load(weights_only=True), never arbitrary pickles."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from kd.errors import UserError
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Call write(tmp_path) on a temporary file beside `path`, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    _atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def save_weights(model: nn.Module, path: Path, metadata: dict) -> None:
+    """Save a model's state dict as safetensors, with JSON metadata (architecture, accuracy...)."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    _atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"kd": json.dumps(metadata)}))
+
+
+def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read (state_dict, metadata) from a .safetensors file or a weights-only torch checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        return _load_safetensors(path)
+    return _load_torch(path)
+
+
+def _load_safetensors(path: Path):
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("kd", "{}"))
+        return load_file(str(path)), meta
+    except (SafetensorError, OSError, ValueError) as err:
+        raise UserError(f"{path} is not a readable safetensors file ({err})") from None
+
+
+def load_torch_checkpoint(path: Path) -> dict:
+    """torch.load with weights_only=True: a pickle that would run code is refused, not run."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0]
+        raise UserError(f"{path} was refused: it is not a plain weights checkpoint ({first})") from None
+    except (RuntimeError, OSError, EOFError) as err:
+        raise UserError(f"{path} is not a readable checkpoint ({err})") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path} does not hold a state dict")
+    return obj
+
+
+def _load_torch(path: Path):
+    obj = load_torch_checkpoint(path)
+    if "model" in obj and isinstance(obj["model"], dict):  # a training checkpoint of this project
+        return obj["model"], obj.get("metadata", {})
+    return obj, {}
+
+
+def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load `state` into `model`, explaining key and shape mismatches in one line."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise UserError(f"{source} does not fit this architecture: {len(missing)} missing key(s) "
+                        f"{missing[:3]}, {len(unexpected)} unexpected key(s) {unexpected[:3]}")
+    for key, value in state.items():
+        if value.shape != expected[key].shape:
+            raise UserError(f"{source}: {key} has shape {tuple(value.shape)}, the model expects "
+                            f"{tuple(expected[key].shape)} (a different class count or channels?)")
+    model.load_state_dict(state)

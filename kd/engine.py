@@ -1,0 +1,147 @@
+"""Training and evaluation loops: one code path for CPU, CUDA and MPS, with optional mixed precision."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterable
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from kd.errors import UserError
+from kd.losses import KDLoss
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """'auto' picks CUDA, then MPS, then CPU; an explicit device must exist."""
+    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+    if name == "auto":
+        return torch.device("cuda" if cuda else "mps" if mps else "cpu")
+    available = {"cpu": True, "cuda": cuda, "mps": mps}
+    if name not in available:
+        raise UserError(f"unknown device {name!r}; choose auto, cpu, cuda or mps")
+    if not available[name]:
+        raise UserError(f"--device {name} was asked for but is not available here; use --device auto")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class Precision:
+    """Autocast dtype (None = full fp32) and the matching GradScaler (active for fp16 only)."""
+
+    device: torch.device
+    dtype: torch.dtype | None
+
+    def __post_init__(self):
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype) if self.dtype else nullcontext()
+
+    @property
+    def name(self) -> str:
+        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
+
+
+def select_precision(device: torch.device, amp: bool) -> Precision:
+    """Mixed precision on CUDA only: bf16 where supported, else fp16 with loss scaling."""
+    if not amp or device.type != "cuda":
+        return Precision(device, None)
+    return Precision(device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+
+
+def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.Optimizer,
+                    criterion: KDLoss, precision: Precision, teachers: nn.Module | None = None,
+                    desc: str = "train") -> dict[str, float]:
+    """One pass over `batches`; returns sample-mean loss, ce, kd, accuracy and teacher weights."""
+    model.train()
+    use_teachers = teachers is not None and criterion.uses_teachers
+    sums = torch.zeros(4, device=precision.device)  # loss, ce, kd, correct (sample-weighted)
+    weight_sum, count = None, 0
+    for x, y in tqdm(batches, desc=desc, leave=False, dynamic_ncols=True):
+        with precision.autocast():
+            teacher_logits = teachers(x) if use_teachers else None
+            logits = model(x)
+        parts, weights = criterion(logits, y, teacher_logits)
+        optimizer.zero_grad(set_to_none=True)
+        precision.scaler.scale(parts.total).backward()
+        precision.scaler.step(optimizer)
+        precision.scaler.update()
+        n = len(y)
+        correct = (logits.argmax(dim=1) == y).sum()
+        sums += torch.stack([parts.total.detach() * n, parts.ce * n, parts.kd * n, correct.float()])
+        if weights is not None:
+            weight_sum = weights * n if weight_sum is None else weight_sum + weights * n
+        count += n
+    loss, ce, kd, correct = (sums / max(count, 1)).tolist()
+    result = {"loss": loss, "ce": ce, "kd": kd, "acc": correct}
+    if weight_sum is not None:
+        result["teacher_weights"] = (weight_sum / count).tolist()
+    return result
+
+
+@torch.inference_mode()
+def collect_logits(model: nn.Module, batches: Iterable, precision: Precision) -> tuple[torch.Tensor, torch.Tensor]:
+    """All logits (float32, CPU) and labels for `batches`, in order."""
+    model.eval()
+    outputs, labels = [], []
+    for x, y in batches:
+        with precision.autocast():
+            outputs.append(model(x).float().cpu())
+        labels.append(y.cpu())
+    return torch.cat(outputs), torch.cat(labels)
+
+
+def evaluate(model: nn.Module, batches: Iterable, precision: Precision) -> dict[str, float]:
+    logits, labels = collect_logits(model, batches, precision)
+    return {"loss": F.cross_entropy(logits, labels).item(),
+            "acc": (logits.argmax(dim=1) == labels).float().mean().item()}
+
+
+EpochCallback = Callable[[dict], None]
+
+
+def fit(model: nn.Module, train_batches, val_batches, *, optimizer, scheduler, criterion: KDLoss,
+        epochs: int, precision: Precision, teachers: nn.Module | None = None, start_epoch: int = 0,
+        on_epoch: EpochCallback | None = None, desc: str = "") -> list[dict]:
+    """Train for epochs [start_epoch, epochs); after each, call on_epoch(row) with its metrics."""
+    history = []
+    bar = tqdm(range(start_epoch, epochs), desc=desc or "epochs", dynamic_ncols=True)
+    for epoch in bar:
+        started = time.perf_counter()
+        train_batches.set_epoch(epoch)
+        lr = optimizer.param_groups[0]["lr"]
+        train = train_one_epoch(model, train_batches, optimizer, criterion, precision, teachers,
+                                desc=f"epoch {epoch + 1}/{epochs}")
+        if not np.isfinite(train["loss"]):
+            raise NonFiniteLoss(epoch + 1)
+        val = evaluate(model, val_batches, precision)
+        scheduler.step()
+        row = {"epoch": epoch + 1, "lr": lr, "train_loss": train["loss"], "train_ce": train["ce"],
+               "train_kd": train["kd"], "train_acc": train["acc"], "val_loss": val["loss"],
+               "val_acc": val["acc"], "seconds": time.perf_counter() - started}
+        for name, w in zip(getattr(teachers, "names", ()), train.get("teacher_weights", ())):
+            row[f"w_{name}"] = w
+        bar.set_postfix(train_loss=f"{row['train_loss']:.3f}", val_acc=f"{row['val_acc']:.4f}")
+        history.append(row)
+        if on_epoch:
+            on_epoch(row)
+    return history
+
+
+class NonFiniteLoss(UserError):
+    def __init__(self, epoch: int):
+        super().__init__(f"the training loss became NaN or infinite in epoch {epoch}; "
+                         "the last good checkpoint is kept; try a lower --lr")

@@ -1,0 +1,103 @@
+"""Run folders: naming, the log file, metrics.csv and TensorBoard events."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import yaml
+from tqdm import tqdm
+
+from kd.errors import UserError
+
+log = logging.getLogger("kd")
+
+
+def run_name(task: str, student: str, temperature: float, alpha: float, suffix: str = "") -> str:
+    """Task<A|B>_<student>_T<temperature>_a<alpha>[_<suffix>]"""
+    name = f"Task{task}_{student}_T{temperature}_a{alpha}"
+    return f"{name}_{suffix}" if suffix else name
+
+
+def create_run_dir(output_dir: str | os.PathLike, name: str) -> Path:
+    """Create output_dir/name; if it exists, use name-2, name-3, ... so no run is overwritten."""
+    base = Path(output_dir)
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create output folder {base}: {err.strerror}; pass a writable --output_dir") from None
+    if not os.access(base, os.W_OK):
+        raise UserError(f"output folder {base} is not writable; pass a writable --output_dir")
+    for i in range(1, 10_000):
+        candidate = base / (name if i == 1 else f"{name}-{i}")
+        try:
+            candidate.mkdir()
+        except FileExistsError:
+            continue
+        if i > 1:
+            log.warning("%s already exists; this run writes to %s", base / name, candidate)
+        return candidate
+    raise UserError(f"too many runs named {name} in {base}")
+
+
+class TqdmHandler(logging.Handler):
+    """Write log records through tqdm so they do not break the progress bars."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        tqdm.write(self.format(record), file=sys.stderr)
+
+
+def setup_logging(log_file: Path | None = None) -> None:
+    """Log INFO to stderr and, when given, to a file in the run folder."""
+    logger = logging.getLogger("kd")
+    logger.setLevel(logging.INFO)
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    console = TqdmHandler()
+    console.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(console)
+    if log_file is not None:
+        file_handler = logging.FileHandler(log_file)
+        file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logger.addHandler(file_handler)
+    logger.propagate = False
+
+
+def write_yaml(data: dict, path: Path) -> None:
+    plain = json.loads(json.dumps(data, default=str))  # tuples -> lists, paths and versions -> str
+    path.write_text(yaml.safe_dump(plain, sort_keys=False))
+
+
+class MetricsLog:
+    """metrics.csv (one row per epoch) plus TensorBoard scalars."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / "metrics.csv"
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+    def write(self, row: dict) -> None:
+        new = not self.path.exists()
+        with self.path.open("a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                writer.writeheader()
+            writer.writerow({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()})
+        for key, value in row.items():
+            if key != "epoch":
+                self.tb.add_scalar(key.replace("_", "/", 1), value, row["epoch"])
+        self.tb.flush()
+
+    def close(self) -> None:
+        self.tb.close()
+
+
+def read_metrics(path: Path) -> list[dict[str, float]]:
+    with Path(path).open(newline="") as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]

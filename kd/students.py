@@ -1,0 +1,27 @@
+"""Student factory: the three student families, fitted to the task's input."""
+
+from __future__ import annotations
+
+from kd.config import TaskConfig
+from kd.errors import UserError
+from kd.models import Normalized, create_model
+
+# The deployment-sized member of each family; see the README for the measured trade-offs.
+STUDENT_ARCHS = {
+    "MobileNetV3": "mobilenetv3_small_100",
+    "EfficientNet": "efficientnet_b0",
+    "ResNet18": "resnet18",
+}
+
+
+def canonical_student_name(name: str) -> str:
+    """Map a case-insensitive student name to its canonical spelling."""
+    for canonical in STUDENT_ARCHS:
+        if canonical.lower() == name.lower():
+            return canonical
+    raise UserError(f"unknown student {name!r}; choose one of {', '.join(STUDENT_ARCHS)}")
+
+
+def build_student(name: str, task: TaskConfig) -> Normalized:
+    arch = STUDENT_ARCHS[canonical_student_name(name)]
+    return create_model(arch, task.num_classes, task.data.channels, task.mean, task.std)

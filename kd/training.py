@@ -1,0 +1,149 @@
+"""Student training: everything train.py does, as one function over plain values."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kd.checkpoint import atomic_torch_save, load_torch_checkpoint, save_weights
+from kd.config import TaskConfig, load_task_config
+from kd.data import Batches, load_task_data
+from kd.engine import Precision, evaluate, fit, select_device, select_precision, seed_everything
+from kd.losses import KDLoss
+from kd.models import count_parameters
+from kd.runs import MetricsLog, create_run_dir, run_name, setup_logging, write_yaml
+from kd.students import STUDENT_ARCHS, build_student, canonical_student_name
+from kd.teachers import prepare_teachers
+
+log = logging.getLogger("kd")
+EVAL_BATCH_SIZE = 512
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Every knob of a student training run; train.py's flags map onto these one to one."""
+
+    task: str = "B"
+    lr: float = 0.001
+    batch_size: int = 32
+    num_epochs: int = 100
+    weight_decay: float = 0.0005
+    temperature: float = 2.0
+    alpha: float = 0.1
+    scheduler_step: int = 30
+    scheduler_gamma: float = 0.5
+    student_model: str = "EfficientNet"
+    seed: int = 42
+    run: str = ""
+    device: str = "auto"
+    amp: bool = True
+    data_dir: str | None = None
+    output_dir: str = "runs"
+    teacher_epochs: int | None = None
+    teacher_weighting: str = "uniform"
+
+
+def train_student(settings: TrainSettings) -> Path:
+    """Distil the task's teachers into a student; returns the run folder."""
+    task = load_task_config(settings.task)
+    student_name = canonical_student_name(settings.student_model)
+    device = select_device(settings.device)
+    precision = select_precision(device, settings.amp)
+    data = load_task_data(task, settings.data_dir)
+    run_dir = create_run_dir(settings.output_dir, run_name(task.name, student_name, settings.temperature,
+                                                           settings.alpha, settings.run))
+    setup_logging(run_dir / "train.log")
+    log.info("task %s: %s | train %d, val %d, test %d images (%s)", task.name, task.description,
+             len(data.train), len(data.val), len(data.test), data.source)
+    log.info("device %s, precision %s", device, precision.name)
+    write_yaml(_resolved_config(settings, task, student_name, precision, data.source), run_dir / "config.yaml")
+
+    teachers = None
+    if settings.alpha > 0:
+        teachers, _ = prepare_teachers(task, data, precision, settings.teacher_epochs)
+    else:
+        log.info("alpha = 0: hard labels only, the teachers are not used")
+
+    seed_everything(settings.seed)
+    student = build_student(student_name, task).to(device)
+    log.info("student %s (%s): %.2fM parameters", student_name, STUDENT_ARCHS[student_name],
+             count_parameters(student) / 1e6)
+    optimizer = torch.optim.Adam(student.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, settings.scheduler_step, settings.scheduler_gamma)
+    train_batches = Batches(data.train, settings.batch_size, device, shuffle=True,
+                            augment=task.augment, seed=settings.seed)
+    val_batches = Batches(data.val, EVAL_BATCH_SIZE, device)
+    criterion = KDLoss(settings.temperature, settings.alpha, settings.teacher_weighting,
+                       fixed_weights=[t.weight for t in task.teachers])
+
+    checkpoints = RunCheckpoints(run_dir, student, optimizer, scheduler, precision,
+                                 _student_metadata(task, student_name, settings))
+    metrics = MetricsLog(run_dir)
+
+    def after_epoch(row):
+        metrics.write(row)
+        checkpoints.save(row)
+        log.info("epoch %d/%d  train loss %.4f (ce %.4f, kd %.4f) acc %.4f | val loss %.4f acc %.4f | "
+                 "lr %.2e | %.1fs", row["epoch"], settings.num_epochs, row["train_loss"], row["train_ce"],
+                 row["train_kd"], row["train_acc"], row["val_loss"], row["val_acc"], row["lr"], row["seconds"])
+
+    try:
+        fit(student, train_batches, val_batches, optimizer=optimizer, scheduler=scheduler, criterion=criterion,
+            epochs=settings.num_epochs, precision=precision, teachers=teachers, on_epoch=after_epoch,
+            desc=f"student {student_name}")
+    finally:
+        metrics.close()
+    checkpoints.finish(Batches(data.test, EVAL_BATCH_SIZE, device))
+    return run_dir
+
+
+class RunCheckpoints:
+    """checkpoint_last.pt (with optimizer, scheduler and scaler state) every epoch; checkpoint_best.pt
+    (weights only) and student.safetensors on a new best validation accuracy."""
+
+    def __init__(self, run_dir: Path, model, optimizer, scheduler, precision: Precision, metadata: dict):
+        self.run_dir, self.model, self.optimizer = run_dir, model, optimizer
+        self.scheduler, self.precision, self.metadata = scheduler, precision, metadata
+        self.best_val_acc, self.best_epoch = -1.0, 0
+
+    def _weights(self, epoch: int) -> dict:
+        return {"model": self.model.state_dict(), "epoch": epoch, "best_val_acc": self.best_val_acc,
+                "metadata": self.metadata}
+
+    def _full_state(self, epoch: int) -> dict:
+        return {**self._weights(epoch), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.precision.scaler.state_dict()}
+
+    def save(self, row: dict) -> None:
+        if row["val_acc"] > self.best_val_acc:
+            self.best_val_acc, self.best_epoch = row["val_acc"], row["epoch"]
+            self.metadata.update(val_acc=row["val_acc"], epoch=row["epoch"])
+            atomic_torch_save(self._weights(row["epoch"]), self.run_dir / "checkpoint_best.pt")
+            save_weights(self.model, self.run_dir / "student.safetensors", self.metadata)
+        atomic_torch_save(self._full_state(row["epoch"]), self.run_dir / "checkpoint_last.pt")
+
+    def finish(self, test_batches) -> float:
+        """Report the best checkpoint's test accuracy (selection used validation only)."""
+        self.model.load_state_dict(load_torch_checkpoint(self.run_dir / "checkpoint_best.pt")["model"])
+        test_acc = evaluate(self.model, test_batches, self.precision)["acc"]
+        self.metadata["test_acc"] = test_acc
+        save_weights(self.model, self.run_dir / "student.safetensors", self.metadata)
+        log.info("best epoch %d: val acc %.4f, test acc %.4f", self.best_epoch, self.best_val_acc, test_acc)
+        return test_acc
+
+
+def _student_metadata(task: TaskConfig, student_name: str, settings: TrainSettings) -> dict:
+    return {"student": student_name, "arch": STUDENT_ARCHS[student_name], "task": task.name,
+            "classes": list(task.classes), "input_size": task.data.input_size,
+            "channels": task.data.channels, "temperature": settings.temperature, "alpha": settings.alpha}
+
+
+def _resolved_config(settings, task, student_name, precision, data_source) -> dict:
+    return {"settings": {**dataclasses.asdict(settings), "student_model": student_name},
+            "task": task.to_dict(), "data_source": data_source, "device": str(precision.device),
+            "precision": precision.name, "torch": torch.__version__, "python": platform.python_version()}

@@ -1,0 +1,52 @@
+"""Distil a task's teachers into a small student: python train.py --task B --alpha 0.6"""
+
+import argparse
+
+from kd.cli import (ArgumentParser, bounded_float, canonical_student, fraction, positive_float, positive_int,
+                    unit_interval)
+from kd.errors import run_cli
+from kd.losses import WEIGHTING_SCHEMES
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(description="Multi-teacher knowledge distillation into a small student.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--task", default="B", choices=["A", "B"], type=str.upper,
+                   help="A: handwritten digits, B: Fashion-MNIST")
+    p.add_argument("--lr", type=positive_float, default=0.001, help="learning rate (Adam)")
+    p.add_argument("--batch_size", type=positive_int, default=32, help="training batch size")
+    p.add_argument("--num_epochs", type=positive_int, default=100, help="student training epochs")
+    p.add_argument("--weight_decay", type=bounded_float(0.0), default=0.0005,
+                   help="Adam weight decay (L2 penalty added to the gradients)")
+    p.add_argument("--temperature", type=positive_float, default=2.0, help="softmax temperature T of the KD term")
+    p.add_argument("--alpha", type=unit_interval, default=0.1,
+                   help="weight of the teacher term: 0 = hard labels only, 1 = teacher targets only")
+    p.add_argument("--scheduler_step", type=positive_int, default=30, help="StepLR: epochs between lr decays")
+    p.add_argument("--scheduler_gamma", type=fraction, default=0.5, help="StepLR: lr factor per decay, in (0, 1]")
+    p.add_argument("--student_model", type=canonical_student, default="EfficientNet",
+                   help="MobileNetV3 | EfficientNet | ResNet18 (case-insensitive)")
+    p.add_argument("--seed", type=int, default=42, help="random seed")
+    p.add_argument("--run", default="", help="suffix for the run folder name")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                   help="auto picks CUDA, then MPS, then CPU")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
+                   help="mixed precision on CUDA (bf16 where supported, else fp16); ignored elsewhere")
+    p.add_argument("--data_dir", default=None,
+                   help="dataset folder (task B: the Fashion-MNIST IDX files; default data/TaskB)")
+    p.add_argument("--output_dir", default="runs", help="where run folders are created")
+    p.add_argument("--teacher_epochs", type=positive_int, default=None,
+                   help="epochs for teachers trained because their checkpoint is missing (default: their recipe)")
+    p.add_argument("--teacher_weighting", default="uniform", choices=WEIGHTING_SCHEMES,
+                   help="how the teachers' soft targets are combined")
+    return p
+
+
+def main(args: argparse.Namespace) -> None:
+    from kd.training import TrainSettings, train_student
+
+    run_dir = train_student(TrainSettings(**vars(args)))
+    print(run_dir)
+
+
+if __name__ == "__main__":
+    run_cli(lambda: main(get_args_parser().parse_args()))
