@@ -13,6 +13,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--task", default="B", choices=["A", "B"], type=str.upper,
                    help="A: handwritten digits, B: Fashion-MNIST")
+    p.add_argument("--config", default=None, metavar="YAML",
+                   help="a task config file; overrides --task (see configs/task_a.yaml for the format)")
     p.add_argument("--lr", type=positive_float, default=0.001, help="learning rate (Adam)")
     p.add_argument("--batch_size", type=positive_int, default=32, help="training batch size")
     p.add_argument("--num_epochs", type=positive_int, default=100, help="student training epochs")
@@ -44,7 +46,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> None:
     from kd.training import TrainSettings, train_student
 
-    run_dir = train_student(TrainSettings(**vars(args)))
+    options = vars(args)
+    options["task"] = options.pop("config") or options["task"]
+    run_dir = train_student(TrainSettings(**options))
     print(run_dir)
 
 

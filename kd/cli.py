@@ -3,7 +3,6 @@
 import argparse
 
 from kd.errors import UserError
-from kd.students import canonical_student_name
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -58,6 +57,8 @@ def fraction(text: str) -> float:
 
 
 def canonical_student(text: str) -> str:
+    from kd.students import canonical_student_name  # lazily: timm is slow to import, --help should not wait
+
     try:
         return canonical_student_name(text)
     except UserError as err:

@@ -73,8 +73,10 @@ class TaskConfig:
         return path if path.is_absolute() else self.root / path
 
     def to_dict(self) -> dict:
+        """The config in its YAML file layout, so a run's saved copy loads as a task config."""
         out = dataclasses.asdict(self)
-        out["root"] = str(self.root)
+        del out["root"]
+        out["normalization"] = {"mean": out.pop("mean"), "std": out.pop("std")}
         return out
 
 
@@ -86,7 +88,10 @@ def _build(cls, raw, where: str, **converters):
     unknown = sorted(set(raw) - known)
     if unknown:
         raise UserError(f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}")
-    values = {k: converters[k](v) if k in converters else v for k, v in raw.items()}
+    try:
+        values = {k: converters[k](v) if k in converters else v for k, v in raw.items()}
+    except (TypeError, ValueError) as err:
+        raise UserError(f"{where}: a value has the wrong type ({err})") from None
     try:
         return cls(**values)
     except TypeError as err:
@@ -98,6 +103,10 @@ def _build(cls, raw, where: str, **converters):
 
 def _floats(values) -> tuple[float, ...]:
     return tuple(float(v) for v in values)
+
+
+def _optional_floats(values) -> tuple[float, ...] | None:
+    return None if values is None else _floats(values)
 
 
 def parse_task_config(raw: dict, where: str, root: Path = CONFIG_DIR.parent) -> TaskConfig:
@@ -120,7 +129,7 @@ def parse_task_config(raw: dict, where: str, root: Path = CONFIG_DIR.parent) -> 
     specs = tuple(
         _build(TeacherSpec, t, f"{where}: teachers[{i}]",
                recipe=lambda r, i=i: _build(Recipe, r or {}, f"{where}: teachers[{i}].recipe"),
-               mean=_floats, std=_floats)
+               mean=_optional_floats, std=_optional_floats)
         for i, t in enumerate(teachers)
     )
     task = dataclasses.replace(task, teachers=specs)
@@ -145,12 +154,17 @@ def _check(task: TaskConfig, where: str) -> None:
 
 
 def load_task_config(task: str) -> TaskConfig:
-    """Load task 'A' or 'B' (case-insensitive) or a path to a YAML file."""
-    path = TASK_CONFIGS.get(task.upper(), Path(task))
+    """Load task 'A' or 'B' (case-insensitive) or a YAML file by path.
+
+    Relative teacher checkpoints resolve against the repository for the built-in tasks and
+    against the config file's folder for any other file.
+    """
+    builtin = TASK_CONFIGS.get(task.upper())
+    path = builtin or Path(task)
     if not path.is_file():
         raise UserError(f"no task config {task!r}: use A, B or the path of a YAML file")
     try:
         raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise UserError(f"{path}: not valid YAML ({err})") from None
-    return parse_task_config(raw, str(path))
+    except (yaml.YAMLError, OSError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: not a readable YAML file ({err})") from None
+    return parse_task_config(raw, str(path), root=CONFIG_DIR.parent if builtin else path.resolve().parent)

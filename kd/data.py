@@ -87,14 +87,15 @@ def fashion_mnist_dirs(data_dir: str | os.PathLike | None) -> list[Path]:
 
 
 def _load_fashion_mnist(data_dir):
-    for folder in fashion_mnist_dirs(data_dir):
+    folders = fashion_mnist_dirs(data_dir)
+    for folder in folders:
         arrays = _read_idx_folder(folder)
         if arrays is not None:
             return arrays, f"Fashion-MNIST from {folder}"
     arrays = _download_fashion_mnist(data_dir)
     if arrays is None:
         raise UserError(
-            "Fashion-MNIST not found: put its four IDX files in data/TaskB/ (or pass --data_dir), "
+            f"Fashion-MNIST not found: put its four IDX files in {folders[0]} (or pass --data_dir), "
             "or `apt-get install dataset-fashion-mnist`, or run once online so torchvision can download it")
     return arrays, "Fashion-MNIST downloaded by torchvision"
 
@@ -123,7 +124,7 @@ def _read_idx(path: Path) -> np.ndarray:
         raise UserError(f"{path} is not an unsigned-byte IDX file")
     ndim = raw[3]
     dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).copy()  # writable for torch
     if data.size != int(np.prod(dims)):
         raise UserError(f"{path} is truncated: expected {int(np.prod(dims))} values, found {data.size}")
     return data.reshape(dims)
@@ -147,6 +148,8 @@ def _stratified_split(images, labels, size, seed):
     from sklearn.model_selection import train_test_split
 
     size = int(size) if size >= 1 else float(size)
+    if isinstance(size, int) and size >= len(labels):
+        raise UserError(f"cannot hold out {size} images from a pool of {len(labels)}; lower data.val_size/test_size")
     keep_x, held_x, keep_y, held_y = train_test_split(
         images, labels, test_size=size, random_state=seed, stratify=labels)
     return (keep_x, keep_y), (held_x, held_y)

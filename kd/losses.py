@@ -34,11 +34,11 @@ def _normalised_weights(weights: torch.Tensor | None, num_teachers: int, batch: 
     if weights is None:
         return torch.full((num_teachers, batch), 1.0 / num_teachers, device=device)
     weights = weights.to(device=device, dtype=torch.float32)
-    if weights.dim() == 1:
-        weights = weights[:, None].expand(num_teachers, batch)
-    if weights.shape != (num_teachers, batch):
+    if weights.shape not in ((num_teachers,), (num_teachers, batch)):
         raise ValueError(f"weights must have shape ({num_teachers},) or ({num_teachers}, {batch}), "
                          f"got {tuple(weights.shape)}")
+    if weights.dim() == 1:
+        weights = weights[:, None].expand(num_teachers, batch)
     if (weights < 0).any():
         raise ValueError("teacher weights must be non-negative")
     return weights / weights.sum(dim=0, keepdim=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import platform
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import torch
 
 from kd.checkpoint import atomic_torch_save, load_torch_checkpoint, save_weights
 from kd.config import TaskConfig, load_task_config
-from kd.data import Batches, load_task_data
+from kd.data import Batches, TaskData, load_task_data
 from kd.engine import Precision, evaluate, fit, select_device, select_precision, seed_everything
 from kd.losses import KDLoss
 from kd.models import count_parameters
@@ -28,7 +29,7 @@ EVAL_BATCH_SIZE = 512
 class TrainSettings:
     """Every knob of a student training run; train.py's flags map onto these one to one."""
 
-    task: str = "B"
+    task: str = "B"  # A, B, or the path of a task config file
     lr: float = 0.001
     batch_size: int = 32
     num_epochs: int = 100
@@ -49,7 +50,10 @@ class TrainSettings:
 
 
 def train_student(settings: TrainSettings) -> Path:
-    """Distil the task's teachers into a student; returns the run folder."""
+    """Distil the task's teachers into a student; returns the run folder.
+
+    A run that fails before its first checkpoint leaves no folder behind.
+    """
     task = load_task_config(settings.task)
     student_name = canonical_student_name(settings.student_model)
     device = select_device(settings.device)
@@ -58,6 +62,19 @@ def train_student(settings: TrainSettings) -> Path:
     run_dir = create_run_dir(settings.output_dir, run_name(task.name, student_name, settings.temperature,
                                                            settings.alpha, settings.run))
     setup_logging(run_dir / "train.log")
+    try:
+        _train_in(run_dir, settings, task, student_name, precision, data)
+    except BaseException:
+        if not (run_dir / "checkpoint_last.pt").exists():
+            setup_logging(None)  # closes the log file before its folder goes
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    return run_dir
+
+
+def _train_in(run_dir: Path, settings: TrainSettings, task: TaskConfig, student_name: str,
+              precision: Precision, data: TaskData) -> None:
+    device = precision.device
     log.info("task %s: %s | train %d, val %d, test %d images (%s)", task.name, task.description,
              len(data.train), len(data.val), len(data.test), data.source)
     log.info("device %s, precision %s", device, precision.name)
@@ -99,7 +116,6 @@ def train_student(settings: TrainSettings) -> Path:
     finally:
         metrics.close()
     checkpoints.finish(Batches(data.test, EVAL_BATCH_SIZE, device))
-    return run_dir
 
 
 class RunCheckpoints:

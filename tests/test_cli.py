@@ -1,0 +1,47 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from train import get_args_parser
+
+ROOT = Path(__file__).resolve().parent.parent
+CONTRACT = {"task": "B", "lr": 0.001, "batch_size": 32, "num_epochs": 100, "weight_decay": 0.0005,
+            "temperature": 2.0, "alpha": 0.1, "scheduler_step": 30, "scheduler_gamma": 0.5,
+            "student_model": "EfficientNet", "seed": 42, "run": ""}
+
+
+def test_defaults_equal_the_contract():
+    args = vars(get_args_parser().parse_args([]))
+    assert {k: args[k] for k in CONTRACT} == CONTRACT
+
+
+def test_student_and_task_are_case_insensitive():
+    args = get_args_parser().parse_args(["--task", "a", "--student_model", "mobilenetv3"])
+    assert (args.task, args.student_model) == ("A", "MobileNetV3")
+
+
+@pytest.mark.parametrize("flags", [
+    ["--alpha", "1.5"], ["--alpha", "-0.1"], ["--temperature", "0"], ["--lr", "-1"], ["--lr", "abc"],
+    ["--batch_size", "0"], ["--num_epochs", "0"], ["--scheduler_step", "0"], ["--scheduler_gamma", "0"],
+    ["--scheduler_gamma", "1.5"], ["--task", "C"], ["--student_model", "VGG"], ["--weight_decay", "-1"],
+])
+def test_bad_values_exit_2_with_one_line(flags, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        get_args_parser().parse_args(flags)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "error" in err[0] and flags[0] in err[0]
+
+
+def test_script_reports_user_errors_in_one_line(tmp_path):
+    config = tmp_path / "task.yaml"
+    config.write_text("name: X\ndata: {source: digits, input_size: 8, channels: 1, colour: true}\n")
+    result = subprocess.run([sys.executable, "train.py", "--config", str(config), "--output_dir",
+                             str(tmp_path / "runs")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"error: {config}: data: unknown key(s) colour; valid keys: channels, input_size, source, split_seed, "
+        "test_size, val_size"]
+    assert "Traceback" not in result.stderr and not (tmp_path / "runs").exists()

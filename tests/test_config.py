@@ -1,0 +1,63 @@
+import pytest
+import yaml
+
+from kd.config import TASK_CONFIGS, load_task_config, parse_task_config
+from kd.errors import UserError
+from tests.conftest import tiny_task_raw
+
+
+def _family(arch: str) -> str:
+    return arch.rstrip("0123456789_t").split("_")[0].rstrip("0123456789")
+
+
+@pytest.mark.parametrize("key, min_teachers", [("A", 2), ("B", 3)])
+def test_shipped_tasks_have_teachers_of_different_families(key, min_teachers):
+    task = load_task_config(key)
+    families = {_family(t.arch) for t in task.teachers}
+    assert len(task.teachers) >= min_teachers and len(families) == len(task.teachers)
+    assert task.num_classes == 10 and task.data.channels == 1
+
+
+def test_typo_in_a_key_is_named(tmp_path):
+    raw = tiny_task_raw(tmp_path)
+    raw["augment"]["crop_paddng"] = 2
+    with pytest.raises(UserError, match="unknown key.*crop_paddng"):
+        parse_task_config(raw, "cfg")
+
+
+def test_missing_key_is_named(tmp_path):
+    raw = tiny_task_raw(tmp_path)
+    del raw["teachers"][0]["arch"]
+    with pytest.raises(UserError, match="teachers\\[0\\].*missing key.*arch"):
+        parse_task_config(raw, "cfg")
+
+
+def test_normalisation_must_match_channels(tmp_path):
+    raw = tiny_task_raw(tmp_path)
+    raw["normalization"]["mean"] = [0.1, 0.2, 0.3]
+    with pytest.raises(UserError, match="one mean and one std per channel"):
+        parse_task_config(raw, "cfg")
+
+
+def test_config_file_by_path(tmp_path):
+    path = tmp_path / "task.yaml"
+    path.write_text(yaml.safe_dump(tiny_task_raw(tmp_path)))
+    assert load_task_config(str(path)).classes == ("a", "b", "c")
+    with pytest.raises(UserError, match="use A, B or the path"):
+        load_task_config(str(tmp_path / "missing.yaml"))
+    assert set(TASK_CONFIGS) == {"A", "B"}
+
+
+def test_saved_config_loads_back(tmp_path):
+    task = load_task_config("B")
+    path = tmp_path / "saved.yaml"
+    path.write_text(yaml.safe_dump(task.to_dict()))
+    again = load_task_config(str(path))
+    assert again.classes == task.classes and again.mean == task.mean and again.teachers[0].arch == "resnet18"
+
+
+def test_wrong_value_types_are_user_errors(tmp_path):
+    raw = tiny_task_raw(tmp_path)
+    del raw["normalization"]
+    with pytest.raises(UserError, match="wrong type"):
+        parse_task_config(raw, "cfg")

@@ -1,0 +1,100 @@
+import gzip
+
+import numpy as np
+import pytest
+import torch
+
+from kd.config import AugmentSpec, load_task_config
+from kd.data import Batches, Split, _read_idx, augment_batch, load_task_data
+from kd.errors import UserError
+
+
+def write_idx(path, array: np.ndarray, compress=True):
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    opener = gzip.open if compress else open
+    with opener(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def write_fashion_like(folder, n_train=200, n_test=50):
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_idx(folder / "train-images-idx3-ubyte.gz", rng.integers(0, 256, (n_train, 28, 28)))
+    write_idx(folder / "train-labels-idx1-ubyte.gz", np.arange(n_train) % 10)
+    write_idx(folder / "t10k-images-idx3-ubyte.gz", rng.integers(0, 256, (n_test, 28, 28)))
+    write_idx(folder / "t10k-labels-idx1-ubyte", np.arange(n_test) % 10, compress=False)
+
+
+def test_digits_split_is_fixed_stratified_and_disjoint():
+    task = load_task_config("A")
+    data = load_task_data(task)
+    again = load_task_data(task)
+    sizes = (len(data.train), len(data.val), len(data.test))
+    assert sum(sizes) == 1797 and sizes == (1221, 216, 360)
+    assert torch.equal(data.test.images, again.test.images)
+    assert data.train.images.shape[1:] == (1, 16, 16) and data.train.images.dtype == torch.uint8
+    for split in (data.train, data.val, data.test):
+        counts = torch.bincount(split.labels, minlength=10).float() / len(split)
+        assert counts.min() > 0.08 and counts.max() < 0.12  # stratified: every class ~10%
+    rows = {tuple(x.flatten().tolist()) for x in data.test.images}
+    assert not rows & {tuple(x.flatten().tolist()) for x in data.val.images}
+
+
+def test_fashion_mnist_from_a_data_dir(tmp_path):
+    write_fashion_like(tmp_path, n_train=6000)
+    data = load_task_data(load_task_config("B"), data_dir=tmp_path)
+    assert (len(data.train), len(data.val), len(data.test)) == (1000, 5000, 50)
+    assert str(tmp_path) in data.source
+
+
+def test_too_small_pool_for_the_validation_split(tmp_path):
+    write_fashion_like(tmp_path, n_train=200)
+    with pytest.raises(UserError, match="cannot hold out 5000 images from a pool of 200"):
+        load_task_data(load_task_config("B"), data_dir=tmp_path)
+
+
+def test_truncated_idx_file_is_named(tmp_path):
+    path = tmp_path / "x-idx3-ubyte.gz"
+    write_idx(path, np.zeros((4, 28, 28)))
+    raw = gzip.decompress(path.read_bytes())[:-10]
+    path.write_bytes(gzip.compress(raw))
+    with pytest.raises(UserError, match="truncated"):
+        _read_idx(path)
+
+
+def test_missing_fashion_mnist_names_every_way_to_get_it(tmp_path, monkeypatch):
+    import kd.data
+
+    monkeypatch.setattr(kd.data, "DEBIAN_FASHION_MNIST", tmp_path / "nowhere")
+    monkeypatch.setattr(kd.data, "_download_fashion_mnist", lambda data_dir: None)
+    with pytest.raises(UserError) as err:
+        load_task_data(load_task_config("B"), data_dir=tmp_path)
+    message = str(err.value)
+    assert str(tmp_path) in message and "dataset-fashion-mnist" in message and "online" in message
+
+
+def test_augmentation_is_a_shifted_crop_and_flip():
+    x = torch.arange(2 * 1 * 4 * 4, dtype=torch.uint8).view(2, 1, 4, 4)
+    g = torch.Generator().manual_seed(0)
+    out = augment_batch(x, AugmentSpec(crop_padding=1, hflip=True), g)
+    assert out.shape == x.shape
+    for i in range(2):
+        padded = torch.nn.functional.pad(x[i], (1, 1, 1, 1))
+        views = [padded[:, dy:dy + 4, dx:dx + 4] for dy in range(3) for dx in range(3)]
+        views += [v.flip(-1) for v in views]
+        assert any(torch.equal(out[i], v) for v in views)
+
+
+def test_batches_cover_each_sample_once_and_replay_per_epoch():
+    split = Split(torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 1, 2, 2).contiguous(),
+                  torch.arange(10))
+    batches = Batches(split, 4, "cpu", shuffle=True, seed=3)
+    seen = torch.cat([y for _, y in batches])
+    assert sorted(seen.tolist()) == list(range(10)) and len(batches) == 3
+    first = [y.tolist() for _, y in batches]
+    batches.set_epoch(1)
+    second = [y.tolist() for _, y in batches]
+    batches.set_epoch(0)
+    assert [y.tolist() for _, y in batches] == first != second
+    x, y = next(iter(batches))
+    assert x.dtype == torch.float32 and torch.allclose(x[:, 0, 0, 0] * 255, y.float())

@@ -1,0 +1,142 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kd.losses import KDLoss, compute_teacher_weights, multi_teacher_kd_loss, teacher_target
+
+
+@pytest.fixture
+def batch():
+    g = torch.Generator().manual_seed(0)
+    student = torch.randn(4, 5, generator=g)
+    teachers = torch.randn(3, 4, 5, generator=g) * 2
+    targets = torch.tensor([0, 1, 2, 3])
+    return student, teachers, targets
+
+
+def reference_kd(student, teacher_probs, temperature):
+    log_q = F.log_softmax(student / temperature, dim=-1)
+    return temperature ** 2 * F.kl_div(log_q, teacher_probs, reduction="batchmean")
+
+
+def test_alpha_zero_is_cross_entropy(batch):
+    student, teachers, targets = batch
+    loss = multi_teacher_kd_loss(student, teachers, targets, temperature=3.0, alpha=0.0)
+    assert torch.allclose(loss, F.cross_entropy(student, targets))
+
+
+def test_alpha_one_is_pure_kd_term(batch):
+    student, teachers, targets = batch
+    loss = multi_teacher_kd_loss(student, teachers, targets, temperature=3.0, alpha=1.0)
+    p_t = F.softmax(teachers / 3.0, dim=-1).mean(dim=0)
+    assert torch.allclose(loss, reference_kd(student, p_t, 3.0), atol=1e-6)
+
+
+def test_mixture_is_linear_in_alpha(batch):
+    student, teachers, targets = batch
+    ce = multi_teacher_kd_loss(student, teachers, targets, temperature=2.0, alpha=0.0)
+    kd = multi_teacher_kd_loss(student, teachers, targets, temperature=2.0, alpha=1.0)
+    mixed = multi_teacher_kd_loss(student, teachers, targets, temperature=2.0, alpha=0.3)
+    assert torch.allclose(mixed, 0.7 * ce + 0.3 * kd, atol=1e-6)
+
+
+def test_temperature_squared_scaling(batch):
+    student, teachers, targets = batch
+    for t in (1.0, 2.0, 5.0):
+        loss = multi_teacher_kd_loss(student, teachers, targets, temperature=t, alpha=1.0)
+        p_t = F.softmax(teachers / t, dim=-1).mean(dim=0)
+        kl = F.kl_div(F.log_softmax(student / t, dim=-1), p_t, reduction="batchmean")
+        assert torch.allclose(loss, t * t * kl, atol=1e-6)
+        assert not torch.allclose(loss, kl) or t == 1.0
+
+
+def test_identical_teachers_equal_one_teacher(batch):
+    student, teachers, targets = batch
+    one = multi_teacher_kd_loss(student, teachers[:1], targets, temperature=2.0, alpha=0.5)
+    many = multi_teacher_kd_loss(student, teachers[:1].expand(4, -1, -1), targets, temperature=2.0, alpha=0.5)
+    assert torch.allclose(one, many, atol=1e-6)
+
+
+def test_weights_select_teacher(batch):
+    student, teachers, targets = batch
+    only_second = multi_teacher_kd_loss(student, teachers, targets, temperature=2.0, alpha=1.0,
+                                        weights=torch.tensor([0.0, 1.0, 0.0]))
+    second = multi_teacher_kd_loss(student, teachers[1:2], targets, temperature=2.0, alpha=1.0)
+    assert torch.allclose(only_second, second, atol=1e-6)
+    uniform = multi_teacher_kd_loss(student, teachers, targets, temperature=2.0, alpha=1.0)
+    assert not torch.allclose(only_second, uniform)
+
+
+def test_per_sample_weights_and_normalisation(batch):
+    _, teachers, _ = batch
+    w = torch.tensor([[2.0, 0.0, 1.0, 1.0], [0.0, 2.0, 1.0, 1.0], [0.0, 0.0, 0.0, 2.0]])  # (K, B), unnormalised
+    p = teacher_target(teachers, 2.0, w)
+    probs = F.softmax(teachers / 2.0, dim=-1)
+    assert torch.allclose(p[0], probs[0, 0])
+    assert torch.allclose(p[1], probs[1, 1])
+    assert torch.allclose(p[2], (probs[0, 2] + probs[1, 2]) / 2)
+    assert torch.allclose(p[3], (probs[0, 3] + probs[1, 3] + 2 * probs[2, 3]) / 4)
+    assert torch.allclose(p.sum(dim=-1), torch.ones(4))
+
+
+def test_bad_weights_rejected(batch):
+    student, teachers, targets = batch
+    with pytest.raises(ValueError):
+        multi_teacher_kd_loss(student, teachers, targets, temperature=2.0, alpha=1.0, weights=torch.ones(2))
+    with pytest.raises(ValueError):
+        multi_teacher_kd_loss(student, teachers, targets, temperature=2.0, alpha=1.0,
+                              weights=torch.tensor([1.0, -1.0, 1.0]))
+
+
+def test_stable_for_extreme_logits():
+    student = torch.tensor([[1000.0, -1000.0, 0.0]], requires_grad=True)
+    teachers = torch.tensor([[[-1000.0, 1000.0, 0.0]], [[0.0, 0.0, 1000.0]]])
+    loss = multi_teacher_kd_loss(student, teachers, torch.tensor([0]), temperature=1.0, alpha=0.5)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(student.grad).all()
+
+
+def test_kd_loss_zero_when_student_matches_teacher():
+    logits = torch.randn(3, 6)
+    loss = multi_teacher_kd_loss(logits, logits[None], torch.zeros(3, dtype=torch.long), temperature=4.0, alpha=1.0)
+    assert loss.abs().item() < 1e-5
+
+
+def test_module_reports_parts(batch):
+    student, teachers, targets = batch
+    parts, weights = KDLoss(2.0, 0.25)(student, targets, teachers)
+    assert torch.allclose(parts.total, 0.75 * parts.ce + 0.25 * parts.kd, atol=1e-6)
+    assert torch.allclose(weights, torch.full((3,), 1 / 3))
+    parts, weights = KDLoss(2.0, 0.0)(student, targets, None)
+    assert weights is None and parts.kd.item() == 0.0
+
+
+def test_entropy_weighting_prefers_confident_teacher():
+    confident = torch.tensor([[10.0, 0.0, 0.0]])
+    unsure = torch.tensor([[0.1, 0.0, 0.0]])
+    w = compute_teacher_weights("entropy", torch.stack([unsure, confident]), torch.tensor([0]), 1.0)
+    assert w[1, 0] > w[0, 0] and torch.allclose(w.sum(dim=0), torch.ones(1))
+    equal = compute_teacher_weights("entropy", torch.stack([confident, confident]), torch.tensor([0]), 1.0)
+    assert torch.allclose(equal, torch.full((2, 1), 0.5))
+
+
+def test_confidence_weighting_matches_ca_mkd():
+    right = torch.tensor([[5.0, 0.0], [0.0, 5.0]])
+    wrong = torch.tensor([[0.0, 5.0], [0.0, 5.0]])
+    targets = torch.tensor([0, 1])
+    w = compute_teacher_weights("confidence", torch.stack([right, wrong]), targets, 1.0)
+    ce = torch.stack([F.cross_entropy(right, targets, reduction="none"),
+                      F.cross_entropy(wrong, targets, reduction="none")])
+    assert torch.allclose(w, 1 - F.softmax(ce, dim=0))  # K - 1 = 1
+    assert w[0, 0] > 0.99 and math.isclose(w[0, 1].item(), 0.5, abs_tol=1e-6)
+
+
+def test_fixed_and_uniform_weighting():
+    logits = torch.randn(3, 2, 4)
+    w = compute_teacher_weights("fixed", logits, torch.zeros(2, dtype=torch.long), 1.0, fixed=[1.0, 1.0, 2.0])
+    assert torch.allclose(w[:, 0], torch.tensor([0.25, 0.25, 0.5]))
+    assert torch.allclose(compute_teacher_weights("uniform", logits, None, 1.0), torch.full((3, 2), 1 / 3))
+    with pytest.raises(ValueError):
+        compute_teacher_weights("nope", logits, None, 1.0)

@@ -1,0 +1,117 @@
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from kd.checkpoint import load_torch_checkpoint, load_weights
+from kd.data import Batches, Split
+from kd.engine import Precision, fit, select_device
+from kd.errors import UserError
+from kd.losses import KDLoss
+from kd.models import create_model
+from kd.runs import create_run_dir, run_name
+from kd.teachers import TeacherEnsemble
+from kd.training import TrainSettings, train_student
+from tests.conftest import tiny_task_raw
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def synthetic_split(n: int, seed: int) -> Split:
+    """Three classes told apart by which third of an 8x8 image is bright."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 3
+    images = torch.randint(0, 60, (n, 1, 8, 8), generator=g)
+    for cls in range(3):
+        images[labels == cls, :, :, cls * 3:cls * 3 + 2] += 180
+    return Split(images.to(torch.uint8), labels)
+
+
+def test_short_kd_training_on_synthetic_data_lowers_the_loss():
+    torch.manual_seed(0)
+    student = create_model("resnet10t", 3, 1, [0.3], [0.3])
+    teachers = TeacherEnsemble({"a": create_model("mobilenetv3_small_050", 3, 1, [0.3], [0.3]),
+                                "b": create_model("resnet10t", 3, 1, [0.3], [0.3])})
+    optimizer = torch.optim.Adam(student.parameters(), lr=3e-3)
+    rows = []
+    fit(student, Batches(synthetic_split(96, 0), 16, "cpu", shuffle=True), Batches(synthetic_split(48, 1), 48, "cpu"),
+        optimizer=optimizer, scheduler=torch.optim.lr_scheduler.StepLR(optimizer, 10), criterion=KDLoss(2.0, 0.5),
+        epochs=4, precision=Precision(torch.device("cpu"), None), teachers=teachers, on_epoch=rows.append)
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"] and rows[-1]["train_ce"] < rows[0]["train_ce"]
+    assert rows[-1]["val_acc"] > 0.6
+    assert all(abs(r["w_a"] - 0.5) < 1e-6 for r in rows)
+
+
+def write_task(tmp_path: Path) -> Path:
+    raw = tiny_task_raw(Path("teachers"))  # relative: resolves beside the config file
+    raw.update(classes=[str(i) for i in range(10)], data={"source": "digits", "input_size": 8, "channels": 1})
+    path = tmp_path / "digits8.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.fixture
+def trained_run(tmp_path):
+    settings = TrainSettings(task=str(write_task(tmp_path)), num_epochs=2, batch_size=64, alpha=0.5,
+                             student_model="mobilenetv3", device="cpu", output_dir=str(tmp_path / "runs"),
+                             teacher_epochs=1, run="t")
+    return settings, train_student(settings)
+
+
+def test_training_writes_a_complete_run_folder(trained_run, tmp_path):
+    settings, run_dir = trained_run
+    assert run_dir == tmp_path / "runs" / "TaskT_MobileNetV3_T2.0_a0.5_t"
+    names = {p.name for p in run_dir.iterdir()}
+    assert {"config.yaml", "metrics.csv", "checkpoint_best.pt", "checkpoint_last.pt", "student.safetensors",
+            "train.log", "tensorboard"} <= names
+    assert any((run_dir / "tensorboard").iterdir())
+    rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert {"train_loss", "train_ce", "train_kd", "train_acc", "val_loss", "val_acc", "lr", "w_resnet"} <= set(rows[0])
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["settings"]["alpha"] == 0.5 and config["task"]["name"] == "T"
+    last = load_torch_checkpoint(run_dir / "checkpoint_last.pt")
+    assert last["epoch"] == 2 and {"optimizer", "scheduler", "scaler"} <= set(last)
+    _, meta = load_weights(run_dir / "student.safetensors")
+    assert meta["student"] == "MobileNetV3" and 0 <= meta["test_acc"] <= 1
+    for teacher in ("resnet10t", "mnv3"):
+        _, teacher_meta = load_weights(tmp_path / "teachers" / f"{teacher}.safetensors")
+        assert {"val_acc", "test_acc", "arch", "classes"} <= set(teacher_meta)
+    assert "TEACHER CHECKPOINT MISSING" in (run_dir / "train.log").read_text()
+
+
+def test_a_repeated_run_name_gets_a_new_folder(tmp_path):
+    name = run_name("A", "ResNet18", 2.0, 0.1, "x")
+    first, second = create_run_dir(tmp_path, name), create_run_dir(tmp_path, name)
+    assert (first.name, second.name) == ("TaskA_ResNet18_T2.0_a0.1_x", "TaskA_ResNet18_T2.0_a0.1_x-2")
+
+
+def test_unwritable_output_folder_is_a_user_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(UserError, match="cannot create output folder"):
+        create_run_dir(blocker / "runs", "x")
+
+
+def test_unavailable_device_is_a_user_error():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(UserError, match="not available"):
+        select_device("cuda")
+
+
+@pytest.mark.slow
+def test_train_script_end_to_end(tmp_path):
+    """The real command line on a config file: the run folder is the last line printed."""
+    config = write_task(tmp_path)
+    result = subprocess.run(
+        [sys.executable, "train.py", "--config", str(config), "--num_epochs", "1", "--teacher_epochs", "1",
+         "--student_model", "resnet18", "--alpha", "0.6", "--output_dir", str(tmp_path / "runs"), "--device", "cpu"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    run_dir = Path(result.stdout.strip().splitlines()[-1])
+    assert run_dir.name == "TaskT_ResNet18_T2.0_a0.6" and (run_dir / "student.safetensors").is_file()
