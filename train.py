@@ -40,6 +40,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="epochs for teachers trained because their checkpoint is missing (default: their recipe)")
     p.add_argument("--teacher_weighting", default="uniform", choices=WEIGHTING_SCHEMES,
                    help="how the teachers' soft targets are combined")
+    p.add_argument("--teacher_cache", default="auto", choices=["auto", "on", "off"],
+                   help="replay cached teacher logits instead of running the teachers every step; auto: when "
+                        "they fit the budget and the cache exists or pays off within this run")
+    p.add_argument("--teacher_cache_views", type=positive_int, default=8,
+                   help="augmented views per training image in the cache's fixed view pool")
+    p.add_argument("--cache_dir", default="cache", help="where teacher-logit caches are kept")
     return p
 
 

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from kd.errors import UserError
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     """Call write(tmp_path) on a temporary file beside `path`, then rename it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -38,13 +38,13 @@ def _umask() -> int:
 
 
 def atomic_torch_save(obj, path: Path) -> None:
-    _atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def save_weights(model: nn.Module, path: Path, metadata: dict) -> None:
     """Save a model's state dict as safetensors, with JSON metadata (architecture, accuracy...)."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    _atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"kd": json.dumps(metadata)}))
+    atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"kd": json.dumps(metadata)}))
 
 
 def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict]:

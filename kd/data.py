@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import os
 from collections.abc import Iterator
+from typing import NamedTuple
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -172,34 +173,65 @@ def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
     return resized.round().clamp(0, 255).to(torch.uint8)
 
 
-def augment_batch(x: torch.Tensor, spec: AugmentSpec, generator: torch.Generator) -> torch.Tensor:
+def sample_augment_params(n: int, spec: AugmentSpec, generator: torch.Generator, device) -> torch.Tensor:
+    """Per-image augmentation parameters (n, 3): crop offsets dy, dx in [0, 2 * padding] and a flip flag."""
+    high = 2 * spec.crop_padding + 1
+    dy = torch.randint(0, high, (n,), generator=generator, device=device)
+    dx = torch.randint(0, high, (n,), generator=generator, device=device)
+    flip = (torch.rand(n, generator=generator, device=device) < 0.5) & spec.hflip
+    return torch.stack([dy, dx, flip.long()], dim=1)
+
+
+def apply_augment(x: torch.Tensor, spec: AugmentSpec, params: torch.Tensor) -> torch.Tensor:
     """Random crop with zero padding and optional horizontal flip, batched on x's device."""
-    n, _, h, w = x.shape
+    n, c, h, w = x.shape
     if spec.crop_padding > 0:
         p = spec.crop_padding
         padded = F.pad(x, (p, p, p, p))
-        dy = torch.randint(0, 2 * p + 1, (n,), generator=generator, device=x.device)
-        dx = torch.randint(0, 2 * p + 1, (n,), generator=generator, device=x.device)
-        rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
-        cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+        rows = (params[:, 0, None] + torch.arange(h, device=x.device))[:, None, :, None]
+        cols = (params[:, 1, None] + torch.arange(w, device=x.device))[:, None, None, :]
         batch = torch.arange(n, device=x.device)[:, None, None, None]
-        chans = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+        chans = torch.arange(c, device=x.device)[None, :, None, None]
         x = padded[batch, chans, rows, cols]
     if spec.hflip:
-        flip = torch.rand(n, generator=generator, device=x.device) < 0.5
-        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        x = torch.where(params[:, 2, None, None, None].bool(), x.flip(-1), x)
     return x
 
 
+def augment_batch(x: torch.Tensor, spec: AugmentSpec, generator: torch.Generator) -> torch.Tensor:
+    return apply_augment(x, spec, sample_augment_params(len(x), spec, generator, x.device))
+
+
+class Batch(NamedTuple):
+    x: torch.Tensor  # float images in [0, 1], (B, C, H, W)
+    y: torch.Tensor  # labels (B,)
+    index: torch.Tensor  # positions of the images in the split (B,)
+    view: torch.Tensor | None  # which pooled view of each image (B,), when a view pool is used
+
+
+def _generator(device, *seeds: int) -> torch.Generator:
+    """A generator seeded from several integers (seed, epoch, stream...), the same on every run."""
+    combined = 0
+    for value in seeds:
+        combined = (combined * 1_000_003 + value) % (2 ** 63)
+    g = torch.Generator(device=device)
+    g.manual_seed(combined)
+    return g
+
+
 class Batches:
-    """Iterate a Split in batches of float [0, 1] images on `device`.
+    """Iterate a Split in Batch tuples of float [0, 1] images on `device`.
 
     Shuffling and augmentation draw from generators seeded by (seed, epoch), so an epoch's
-    batches are reproducible and independent of what ran before.
+    batches are reproducible and independent of what ran before. With `views=V`, augmentation
+    comes from a fixed pool of V views per image, drawn once from `pool_seed`; each epoch picks
+    one of them per image. A pooled view can be replayed exactly, so its teacher logits can be
+    computed once and cached (kd.cache).
     """
 
     def __init__(self, split: Split, batch_size: int, device, *, shuffle: bool = False,
-                 augment: AugmentSpec | None = None, seed: int = 0):
+                 augment: AugmentSpec | None = None, seed: int = 0, views: int | None = None,
+                 pool_seed: int = 0):
         self.split = split.to(device)
         self.batch_size = batch_size
         self.device = torch.device(device)
@@ -207,6 +239,20 @@ class Batches:
         self.augment = augment if augment and (augment.crop_padding or augment.hflip) else None
         self.seed = seed
         self.epoch = 0
+        self.pool_seed = pool_seed
+        self.view_params = self._view_pool(views) if views else None
+
+    @property
+    def num_views(self) -> int | None:
+        return None if self.view_params is None else len(self.view_params)
+
+    def _view_pool(self, views: int) -> torch.Tensor:
+        """(V, N, 3) augmentation parameters; a single un-augmented view without augmentation."""
+        n = len(self.split)
+        if self.augment is None:
+            return torch.zeros((1, n, 3), dtype=torch.long, device=self.device)
+        return torch.stack([sample_augment_params(n, self.augment, _generator(self.device, self.pool_seed, v),
+                                                  self.device) for v in range(views)])
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -214,19 +260,24 @@ class Batches:
     def __len__(self) -> int:
         return -(-len(self.split) // self.batch_size)
 
-    def _generator(self, offset: int) -> torch.Generator:
-        g = torch.Generator(device=self.device)
-        g.manual_seed(self.seed * 1_000_003 + self.epoch * 2 + offset)
-        return g
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[Batch]:
         n = len(self.split)
-        order = (torch.randperm(n, generator=self._generator(0), device=self.device)
+        order = (torch.randperm(n, generator=_generator(self.device, self.seed, self.epoch, 0), device=self.device)
                  if self.shuffle else torch.arange(n, device=self.device))
-        aug_gen = self._generator(1)
+        aug_gen = _generator(self.device, self.seed, self.epoch, 1)
+        chosen = None
+        if self.view_params is not None:
+            chosen = torch.randint(0, len(self.view_params), (n,), generator=aug_gen, device=self.device)
         for start in range(0, n, self.batch_size):
             idx = order[start:start + self.batch_size]
-            x = self.split.images[idx]
-            if self.augment:
-                x = augment_batch(x, self.augment, aug_gen)
-            yield x.float().div_(255.0), self.split.labels[idx]
+            yield self.batch(idx, None if chosen is None else chosen[idx], aug_gen)
+
+    def batch(self, idx: torch.Tensor, view: torch.Tensor | None = None,
+              generator: torch.Generator | None = None) -> Batch:
+        """The images at `idx` (pooled view `view` of each, or a fresh augmentation from `generator`)."""
+        x = self.split.images[idx]
+        if self.augment is not None and view is not None:
+            x = apply_augment(x, self.augment, self.view_params[view, idx])
+        elif self.augment is not None and generator is not None:
+            x = augment_batch(x, self.augment, generator)
+        return Batch(x.float().div_(255.0), self.split.labels[idx], idx, view)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from kd.data import Batch
 from kd.errors import UserError
 from kd.losses import KDLoss
 
@@ -62,17 +63,26 @@ def select_precision(device: torch.device, amp: bool) -> Precision:
     return Precision(device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
 
 
-def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.Optimizer,
-                    criterion: KDLoss, precision: Precision, teachers: nn.Module | None = None,
+TeacherLogits = Callable[[Batch], torch.Tensor]  # a batch -> the teachers' logits (K, B, C)
+
+
+def online_teachers(ensemble: nn.Module) -> TeacherLogits:
+    """Run the teachers on every batch (the alternative is kd.cache's replayed logits)."""
+    return lambda batch: ensemble(batch.x)
+
+
+def train_one_epoch(model: nn.Module, batches: Iterable[Batch], optimizer: torch.optim.Optimizer,
+                    criterion: KDLoss, precision: Precision, teachers: TeacherLogits | None = None,
                     desc: str = "train") -> dict[str, float]:
     """One pass over `batches`; returns sample-mean loss, ce, kd, accuracy and teacher weights."""
     model.train()
     use_teachers = teachers is not None and criterion.uses_teachers
     sums = torch.zeros(4, device=precision.device)  # loss, ce, kd, correct (sample-weighted)
     weight_sum, count = None, 0
-    for x, y in tqdm(batches, desc=desc, leave=False, dynamic_ncols=True):
+    for batch in tqdm(batches, desc=desc, leave=False, dynamic_ncols=True):
+        x, y = batch.x, batch.y
         with precision.autocast():
-            teacher_logits = teachers(x) if use_teachers else None
+            teacher_logits = teachers(batch) if use_teachers else None
             logits = model(x)
         parts, weights = criterion(logits, y, teacher_logits)
         optimizer.zero_grad(set_to_none=True)
@@ -97,10 +107,10 @@ def collect_logits(model: nn.Module, batches: Iterable, precision: Precision) ->
     """All logits (float32, CPU) and labels for `batches`, in order."""
     model.eval()
     outputs, labels = [], []
-    for x, y in batches:
+    for batch in batches:
         with precision.autocast():
-            outputs.append(model(x).float().cpu())
-        labels.append(y.cpu())
+            outputs.append(model(batch.x).float().cpu())
+        labels.append(batch.y.cpu())
     return torch.cat(outputs), torch.cat(labels)
 
 
@@ -114,8 +124,9 @@ EpochCallback = Callable[[dict], None]
 
 
 def fit(model: nn.Module, train_batches, val_batches, *, optimizer, scheduler, criterion: KDLoss,
-        epochs: int, precision: Precision, teachers: nn.Module | None = None, start_epoch: int = 0,
-        on_epoch: EpochCallback | None = None, desc: str = "") -> list[dict]:
+        epochs: int, precision: Precision, teachers: TeacherLogits | None = None,
+        teacher_names: Sequence[str] = (), start_epoch: int = 0, on_epoch: EpochCallback | None = None,
+        desc: str = "") -> list[dict]:
     """Train for epochs [start_epoch, epochs); after each, call on_epoch(row) with its metrics."""
     history = []
     bar = tqdm(range(start_epoch, epochs), desc=desc or "epochs", dynamic_ncols=True)
@@ -132,7 +143,7 @@ def fit(model: nn.Module, train_batches, val_batches, *, optimizer, scheduler, c
         row = {"epoch": epoch + 1, "lr": lr, "train_loss": train["loss"], "train_ce": train["ce"],
                "train_kd": train["kd"], "train_acc": train["acc"], "val_loss": val["loss"],
                "val_acc": val["acc"], "seconds": time.perf_counter() - started}
-        for name, w in zip(getattr(teachers, "names", ()), train.get("teacher_weights", ())):
+        for name, w in zip(teacher_names, train.get("teacher_weights", ())):
             row[f"w_{name}"] = w
         bar.set_postfix(train_loss=f"{row['train_loss']:.3f}", val_acc=f"{row['val_acc']:.4f}")
         history.append(row)

@@ -11,10 +11,12 @@ from pathlib import Path
 
 import torch
 
+from kd.cache import BUDGET_BYTES, cache_bytes, cache_paths, load_or_build_cache
 from kd.checkpoint import atomic_torch_save, load_torch_checkpoint, save_weights
 from kd.config import TaskConfig, load_task_config
 from kd.data import Batches, TaskData, load_task_data
-from kd.engine import Precision, evaluate, fit, select_device, select_precision, seed_everything
+from kd.engine import (Precision, evaluate, fit, online_teachers, select_device, select_precision,
+                       seed_everything)
 from kd.losses import KDLoss
 from kd.models import count_parameters
 from kd.runs import MetricsLog, create_run_dir, run_name, setup_logging, write_yaml
@@ -47,6 +49,9 @@ class TrainSettings:
     output_dir: str = "runs"
     teacher_epochs: int | None = None
     teacher_weighting: str = "uniform"
+    teacher_cache: str = "auto"  # auto | on | off
+    teacher_cache_views: int = 8
+    cache_dir: str = "cache"
 
 
 def train_student(settings: TrainSettings) -> Path:
@@ -80,11 +85,12 @@ def _train_in(run_dir: Path, settings: TrainSettings, task: TaskConfig, student_
     log.info("device %s, precision %s", device, precision.name)
     write_yaml(_resolved_config(settings, task, student_name, precision, data.source), run_dir / "config.yaml")
 
-    teachers = None
+    ensemble = None
     if settings.alpha > 0:
-        teachers, _ = prepare_teachers(task, data, precision, settings.teacher_epochs)
+        ensemble, _ = prepare_teachers(task, data, precision, settings.teacher_epochs)
     else:
         log.info("alpha = 0: hard labels only, the teachers are not used")
+    train_batches, teachers = _teacher_source(settings, task, data, ensemble, precision)
 
     seed_everything(settings.seed)
     student = build_student(student_name, task).to(device)
@@ -92,8 +98,6 @@ def _train_in(run_dir: Path, settings: TrainSettings, task: TaskConfig, student_
              count_parameters(student) / 1e6)
     optimizer = torch.optim.Adam(student.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, settings.scheduler_step, settings.scheduler_gamma)
-    train_batches = Batches(data.train, settings.batch_size, device, shuffle=True,
-                            augment=task.augment, seed=settings.seed)
     val_batches = Batches(data.val, EVAL_BATCH_SIZE, device)
     criterion = KDLoss(settings.temperature, settings.alpha, settings.teacher_weighting,
                        fixed_weights=[t.weight for t in task.teachers])
@@ -111,11 +115,41 @@ def _train_in(run_dir: Path, settings: TrainSettings, task: TaskConfig, student_
 
     try:
         fit(student, train_batches, val_batches, optimizer=optimizer, scheduler=scheduler, criterion=criterion,
-            epochs=settings.num_epochs, precision=precision, teachers=teachers, on_epoch=after_epoch,
-            desc=f"student {student_name}")
+            epochs=settings.num_epochs, precision=precision, teachers=teachers,
+            teacher_names=ensemble.names if ensemble else (), on_epoch=after_epoch, desc=f"student {student_name}")
     finally:
         metrics.close()
     checkpoints.finish(Batches(data.test, EVAL_BATCH_SIZE, device))
+
+
+def _teacher_source(settings: TrainSettings, task: TaskConfig, data: TaskData, ensemble, precision: Precision):
+    """(training batches, teacher logits per batch): replayed from the cache, run online, or None."""
+    def batches(views):
+        return Batches(data.train, settings.batch_size, precision.device, shuffle=True, augment=task.augment,
+                       seed=settings.seed, views=views, pool_seed=task.data.split_seed)
+
+    if ensemble is None:
+        return batches(None), None
+    if settings.teacher_cache != "off":
+        pooled = batches(settings.teacher_cache_views)
+        paths = cache_paths([task.teacher_checkpoint(t) for t in task.teachers], pooled, Path(settings.cache_dir))
+        if _use_cache(settings, pooled, paths, task.num_classes):
+            return pooled, load_or_build_cache(list(ensemble.models), paths, pooled, precision)
+    return batches(None), online_teachers(ensemble)
+
+
+def _use_cache(settings: TrainSettings, pooled: Batches, paths: list[Path], num_classes: int) -> bool:
+    if settings.teacher_cache == "on":
+        return True
+    size = cache_bytes(len(paths), pooled.num_views, len(pooled.split), num_classes)
+    if size > BUDGET_BYTES:
+        log.info("teacher-logit cache off: %.1f GB exceeds the %.1f GB budget", size / 1e9, BUDGET_BYTES / 1e9)
+        return False
+    if any(not p.is_file() for p in paths) and settings.num_epochs < pooled.num_views:
+        log.info("teacher-logit cache off: building it costs %d teacher passes over the data, more than this "
+                 "%d-epoch run; --teacher_cache on builds it for later runs", pooled.num_views, settings.num_epochs)
+        return False
+    return True
 
 
 class RunCheckpoints:

@@ -89,12 +89,35 @@ def test_batches_cover_each_sample_once_and_replay_per_epoch():
     split = Split(torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 1, 2, 2).contiguous(),
                   torch.arange(10))
     batches = Batches(split, 4, "cpu", shuffle=True, seed=3)
-    seen = torch.cat([y for _, y in batches])
+    seen = torch.cat([b.y for b in batches])
     assert sorted(seen.tolist()) == list(range(10)) and len(batches) == 3
-    first = [y.tolist() for _, y in batches]
+    first = [b.y.tolist() for b in batches]
     batches.set_epoch(1)
-    second = [y.tolist() for _, y in batches]
+    second = [b.y.tolist() for b in batches]
     batches.set_epoch(0)
-    assert [y.tolist() for _, y in batches] == first != second
-    x, y = next(iter(batches))
+    assert [b.y.tolist() for b in batches] == first != second
+    x, y, index, view = next(iter(batches))
+    assert torch.equal(split.labels[index], y) and view is None
     assert x.dtype == torch.float32 and torch.allclose(x[:, 0, 0, 0] * 255, y.float())
+
+
+def test_view_pool_replays_the_same_views():
+    split = Split(torch.randint(0, 256, (20, 1, 6, 6), dtype=torch.uint8), torch.arange(20) % 2)
+    spec = AugmentSpec(crop_padding=2, hflip=True)
+    batches = Batches(split, 8, "cpu", shuffle=True, augment=spec, seed=1, views=3, pool_seed=7)
+    again = Batches(split, 8, "cpu", shuffle=True, augment=spec, seed=99, views=3, pool_seed=7)
+    assert batches.num_views == 3 and torch.equal(batches.view_params, again.view_params)
+    for batch in batches:
+        replay = again.batch(batch.index, batch.view)
+        assert torch.equal(batch.x, replay.x) and batch.view.max() < 3
+    views = [torch.equal(batches.batch(torch.arange(20), torch.full((20,), v)).x,
+                         batches.batch(torch.arange(20), torch.zeros(20, dtype=torch.long)).x) for v in range(3)]
+    assert views == [True, False, False]  # the pool's views differ from each other
+
+
+def test_view_pool_without_augmentation_is_the_image_itself():
+    split = Split(torch.randint(0, 256, (5, 1, 4, 4), dtype=torch.uint8), torch.arange(5))
+    batches = Batches(split, 5, "cpu", views=4)
+    assert batches.num_views == 1
+    batch = next(iter(batches))
+    assert torch.equal(batch.x * 255, split.images.float())

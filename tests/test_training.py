@@ -9,7 +9,7 @@ import yaml
 
 from kd.checkpoint import load_torch_checkpoint, load_weights
 from kd.data import Batches, Split
-from kd.engine import Precision, fit, select_device
+from kd.engine import Precision, fit, online_teachers, select_device
 from kd.errors import UserError
 from kd.losses import KDLoss
 from kd.models import create_model
@@ -40,7 +40,8 @@ def test_short_kd_training_on_synthetic_data_lowers_the_loss():
     rows = []
     fit(student, Batches(synthetic_split(96, 0), 16, "cpu", shuffle=True), Batches(synthetic_split(48, 1), 48, "cpu"),
         optimizer=optimizer, scheduler=torch.optim.lr_scheduler.StepLR(optimizer, 10), criterion=KDLoss(2.0, 0.5),
-        epochs=4, precision=Precision(torch.device("cpu"), None), teachers=teachers, on_epoch=rows.append)
+        epochs=4, precision=Precision(torch.device("cpu"), None), teachers=online_teachers(teachers),
+        teacher_names=teachers.names, on_epoch=rows.append)
     assert rows[-1]["train_loss"] < rows[0]["train_loss"] and rows[-1]["train_ce"] < rows[0]["train_ce"]
     assert rows[-1]["val_acc"] > 0.6
     assert all(abs(r["w_a"] - 0.5) < 1e-6 for r in rows)
@@ -58,7 +59,8 @@ def write_task(tmp_path: Path) -> Path:
 def trained_run(tmp_path):
     settings = TrainSettings(task=str(write_task(tmp_path)), num_epochs=2, batch_size=64, alpha=0.5,
                              student_model="mobilenetv3", device="cpu", output_dir=str(tmp_path / "runs"),
-                             teacher_epochs=1, run="t")
+                             teacher_epochs=1, run="t", teacher_cache="on", teacher_cache_views=2,
+                             cache_dir=str(tmp_path / "cache"))
     return settings, train_student(settings)
 
 
@@ -81,7 +83,9 @@ def test_training_writes_a_complete_run_folder(trained_run, tmp_path):
     for teacher in ("resnet10t", "mnv3"):
         _, teacher_meta = load_weights(tmp_path / "teachers" / f"{teacher}.safetensors")
         assert {"val_acc", "test_acc", "arch", "classes"} <= set(teacher_meta)
-    assert "TEACHER CHECKPOINT MISSING" in (run_dir / "train.log").read_text()
+    log = (run_dir / "train.log").read_text()
+    assert "TEACHER CHECKPOINT MISSING" in log and "teacher-logit cache: 2 teachers x 2 views" in log
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2
 
 
 def test_a_repeated_run_name_gets_a_new_folder(tmp_path):

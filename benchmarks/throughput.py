@@ -1,0 +1,170 @@
+"""Training throughput: labels only vs KD with online teachers vs KD from the teacher-logit cache.
+
+Prints images/s for (a) the student trained on labels only, (b) KD with all teachers run online,
+(c) KD from the cache, (d) the data path alone, their ratios, and the time of a sweep of
+`--sweep_runs` x `--sweep_epochs` student trainings with and without the cache (the cache's build
+included), plus the validation accuracy of online and cached KD from the same seed.
+
+    python benchmarks/throughput.py --task B --quick          # a few minutes on a laptop CPU
+    python benchmarks/throughput.py --task B --device cuda    # the full training split on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from kd.cache import cache_paths, load_or_build_cache  # noqa: E402
+from kd.config import load_task_config  # noqa: E402
+from kd.data import Batches, Split, load_task_data  # noqa: E402
+from kd.engine import evaluate, fit, online_teachers, select_device, select_precision, train_one_epoch  # noqa: E402
+from kd.losses import KDLoss  # noqa: E402
+from kd.students import build_student  # noqa: E402
+from kd.teachers import TeacherEnsemble, build_teacher, load_teacher  # noqa: E402
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--task", default="B")
+    p.add_argument("--student_model", default="MobileNetV3")
+    p.add_argument("--batch_size", type=int, default=128)
+    p.add_argument("--views", type=int, default=8, help="augmented views per image in the cache's pool")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quick", action="store_true", help="a training subset, for a CPU in a few minutes")
+    p.add_argument("--subset", type=int, default=None, help="training images used (default: all; --quick: 512)")
+    p.add_argument("--sweep_runs", type=int, default=5)
+    p.add_argument("--sweep_epochs", type=int, default=10)
+    return p
+
+
+def subset(split: Split, n: int | None) -> Split:
+    return split if n is None or n >= len(split) else Split(split.images[:n], split.labels[:n])
+
+
+def teachers_for(task) -> tuple[list[torch.nn.Module], list[Path], str]:
+    """The task's trained teachers, or untrained stand-ins (same cost) saved to a temporary folder."""
+    checkpoints = [task.teacher_checkpoint(t) for t in task.teachers]
+    if all(c.is_file() for c in checkpoints):
+        return [load_teacher(t, task)[0] for t in task.teachers], checkpoints, "trained"
+    from kd.checkpoint import save_weights
+
+    folder = Path(tempfile.mkdtemp())
+    models, paths = [], []
+    for spec in task.teachers:
+        models.append(build_teacher(spec, task).eval())
+        paths.append(folder / f"{spec.name}.safetensors")
+        save_weights(models[-1], paths[-1], {})
+    return models, paths, "untrained stand-ins (speed only; accuracies are meaningless)"
+
+
+def timed(fn) -> tuple[object, float]:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    result = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return result, time.perf_counter() - started
+
+
+def student_epoch_rate(args, task, batches, precision, alpha, teachers, epochs: int = 3) -> float:
+    """Images/s over `epochs` training epochs (after a warm-up epoch) of a fresh student."""
+    torch.manual_seed(0)
+    student = build_student(args.student_model, task).to(precision.device)
+    optimizer = torch.optim.Adam(student.parameters(), lr=1e-3)
+    criterion = KDLoss(2.0, alpha)
+    train_one_epoch(student, batches, optimizer, criterion, precision, teachers, desc="warm-up")
+
+    def run():
+        for epoch in range(epochs):
+            batches.set_epoch(epoch)
+            train_one_epoch(student, batches, optimizer, criterion, precision, teachers)
+
+    _, seconds = timed(run)
+    return epochs * len(batches.split) / seconds
+
+
+def data_path_rate(batches) -> float:
+    def drain():
+        for batch in batches:
+            batch.x.sum()  # touch the images so lazy work is not skipped
+    drain()
+    _, seconds = timed(drain)
+    return len(batches.split) / seconds
+
+
+def sweep(args, task, train, val, precision, teachers) -> tuple[float, list[float]]:
+    """Seconds for sweep_runs trainings of sweep_epochs each (lr, T, alpha vary), and their val accuracies."""
+    accuracies, started = [], time.perf_counter()
+    for run in range(args.sweep_runs):
+        torch.manual_seed(run)
+        student = build_student(args.student_model, task).to(precision.device)
+        optimizer = torch.optim.Adam(student.parameters(), lr=1e-3 * (1 + run % 3))
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 30)
+        fit(student, train, val, optimizer=optimizer, scheduler=scheduler, epochs=args.sweep_epochs,
+            criterion=KDLoss(2.0 + run, 0.3 + 0.1 * run), precision=precision, teachers=teachers,
+            desc=f"sweep run {run + 1}/{args.sweep_runs}")
+        accuracies.append(evaluate(student, val, precision)["acc"])
+    return time.perf_counter() - started, accuracies
+
+
+def main(args) -> None:
+    torch.set_float32_matmul_precision("high")
+    task = load_task_config(args.task)
+    device = select_device(args.device)
+    precision = select_precision(device, amp=True)
+    data = load_task_data(task)
+    n = args.subset or (512 if args.quick else None)
+    train_split, val_split = subset(data.train, n), subset(data.val, 1000 if args.quick else None)
+    models, checkpoints, kind = teachers_for(task)
+    ensemble = TeacherEnsemble({t.name: m for t, m in zip(task.teachers, models)}).to(device)
+
+    def batches(views=None):
+        return Batches(train_split, args.batch_size, device, shuffle=True, augment=task.augment, seed=0,
+                       views=views, pool_seed=task.data.split_seed)
+
+    fresh, pooled = batches(), batches(args.views)
+    val = Batches(val_split, 1024, device)
+    with tempfile.TemporaryDirectory() as cache_dir:
+        paths = cache_paths(checkpoints, pooled, Path(cache_dir))
+        cache, build_seconds = timed(lambda: load_or_build_cache(list(ensemble.models), paths, pooled, precision))
+        rates = {
+            "a": student_epoch_rate(args, task, fresh, precision, 0.0, None),
+            "b": student_epoch_rate(args, task, fresh, precision, 0.5, online_teachers(ensemble)),
+            "c": student_epoch_rate(args, task, pooled, precision, 0.5, cache),
+            "d": data_path_rate(pooled),
+        }
+        online_sweep, online_acc = sweep(args, task, fresh, val, precision, online_teachers(ensemble))
+        cached_sweep, cached_acc = sweep(args, task, pooled, val, precision, cache)
+    report(args, task, device, precision, kind, len(train_split), rates, build_seconds,
+           online_sweep, cached_sweep + build_seconds, online_acc, cached_acc)
+
+
+def report(args, task, device, precision, kind, n, rates, build, online_sweep, cached_sweep, online_acc,
+           cached_acc) -> None:
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"task {task.name}, student {args.student_model}, {len(task.teachers)} teachers ({kind}), "
+          f"{n} training images, batch {args.batch_size}, {device} ({name}), {precision.name}")
+    labels = {"a": "student, labels only", "b": "KD, teachers online", "c": "KD, cached logits",
+              "d": "data path alone"}
+    for key, label in labels.items():
+        print(f"  ({key}) {label:24s} {rates[key]:10.0f} images/s")
+    print(f"  ratios: b/a = {rates['a'] / rates['b']:.2f}x the time, c/a = {rates['a'] / rates['c']:.3f}x the time, "
+          f"data path {rates['d'] / rates['a']:.0f}x faster than the labels-only step")
+    print(f"  cache build: {args.views} views x {n} images x {len(task.teachers)} teachers in {build:.1f}s")
+    print(f"  sweep of {args.sweep_runs} runs x {args.sweep_epochs} epochs: online {online_sweep:.1f}s, "
+          f"cached {cached_sweep:.1f}s (build included) = {cached_sweep / online_sweep:.2f}x")
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    print(f"  sweep val accuracy: online {mean(online_acc):.4f} {[round(a, 4) for a in online_acc]}, "
+          f"cached {mean(cached_acc):.4f} {[round(a, 4) for a in cached_acc]}")
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
