@@ -46,6 +46,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher_cache_views", type=positive_int, default=8,
                    help="augmented views per training image in the cache's fixed view pool")
     p.add_argument("--cache_dir", default="cache", help="where teacher-logit caches are kept")
+    p.add_argument("--resume", default=None, metavar="auto|RUN",
+                   help="continue a run from its checkpoint_last.pt with the settings it was started with: "
+                        "a run folder, its checkpoint, or auto (the newest run these flags would name)")
     return p
 
 

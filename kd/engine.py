@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -17,6 +18,8 @@ from tqdm import tqdm
 from kd.data import Batch
 from kd.errors import UserError
 from kd.losses import KDLoss
+
+log = logging.getLogger("kd")
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -36,6 +39,27 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """Every global RNG's state, as tensors and plain values that weights-only loading accepts."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss,
+                      "gauss": gauss},
+            "random": {"version": version, "internal": list(internal), "gauss_next": gauss_next}}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    r = state["random"]
+    random.setstate((r["version"], tuple(r["internal"]), r["gauss_next"]))
 
 
 @dataclass
@@ -142,10 +166,13 @@ def fit(model: nn.Module, train_batches, val_batches, *, optimizer, scheduler, c
         scheduler.step()
         row = {"epoch": epoch + 1, "lr": lr, "train_loss": train["loss"], "train_ce": train["ce"],
                "train_kd": train["kd"], "train_acc": train["acc"], "val_loss": val["loss"],
-               "val_acc": val["acc"], "seconds": time.perf_counter() - started}
+               "val_acc": val["acc"]}
         for name, w in zip(teacher_names, train.get("teacher_weights", ())):
             row[f"w_{name}"] = w
         bar.set_postfix(train_loss=f"{row['train_loss']:.3f}", val_acc=f"{row['val_acc']:.4f}")
+        log.info("%s epoch %d/%d  train loss %.4f (ce %.4f, kd %.4f) acc %.4f | val loss %.4f acc %.4f | "
+                 "lr %.2e | %.1fs", desc, epoch + 1, epochs, row["train_loss"], row["train_ce"], row["train_kd"],
+                 row["train_acc"], row["val_loss"], row["val_acc"], lr, time.perf_counter() - started)
         history.append(row)
         if on_epoch:
             on_epoch(row)

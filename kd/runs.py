@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 from tqdm import tqdm
 
+from kd.checkpoint import atomic_write
 from kd.errors import UserError
 
 log = logging.getLogger("kd")
@@ -88,14 +89,28 @@ class MetricsLog:
             writer = csv.DictWriter(f, fieldnames=list(row))
             if new:
                 writer.writeheader()
-            writer.writerow({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()})
+            writer.writerow(_csv_row(row))
         for key, value in row.items():
             if key != "epoch":
                 self.tb.add_scalar(key.replace("_", "/", 1), value, row["epoch"])
         self.tb.flush()
 
+    def rewrite(self, rows: list[dict]) -> None:
+        """Replace metrics.csv with `rows` (a resumed run's history; later rows were never checkpointed)."""
+        def write(tmp):
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+                writer.writeheader()
+                writer.writerows(_csv_row(r) for r in rows)
+        if rows:
+            atomic_write(self.path, write)
+
     def close(self) -> None:
         self.tb.close()
+
+
+def _csv_row(row: dict) -> dict:
+    return {k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()}
 
 
 def read_metrics(path: Path) -> list[dict[str, float]]:

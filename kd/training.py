@@ -10,13 +10,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 
 from kd.cache import BUDGET_BYTES, cache_bytes, cache_paths, load_or_build_cache
-from kd.checkpoint import atomic_torch_save, load_torch_checkpoint, save_weights
+from kd.checkpoint import atomic_torch_save, load_state_into, load_torch_checkpoint, save_weights
 from kd.config import TaskConfig, load_task_config
 from kd.data import Batches, TaskData, load_task_data
-from kd.engine import (Precision, evaluate, fit, online_teachers, select_device, select_precision,
-                       seed_everything)
+from kd.engine import (Precision, evaluate, fit, online_teachers, rng_state, select_device, select_precision,
+                       seed_everything, set_rng_state)
+from kd.errors import UserError
 from kd.losses import KDLoss
 from kd.models import count_parameters
 from kd.runs import MetricsLog, create_run_dir, run_name, setup_logging, write_yaml
@@ -52,29 +54,64 @@ class TrainSettings:
     teacher_cache: str = "auto"  # auto | on | off
     teacher_cache_views: int = 8
     cache_dir: str = "cache"
+    resume: str | None = None  # "auto", a run folder, or its checkpoint_last.pt
 
 
 def train_student(settings: TrainSettings) -> Path:
     """Distil the task's teachers into a student; returns the run folder.
 
-    A run that fails before its first checkpoint leaves no folder behind.
+    A run that fails before its first checkpoint leaves no folder behind. With `resume`, the run
+    continues in its own folder with the settings it was started with.
     """
+    resume_dir = find_resume_dir(settings) if settings.resume else None
+    if resume_dir is not None:
+        settings = dataclasses.replace(read_run_settings(resume_dir), resume=str(resume_dir))
     task = load_task_config(settings.task)
     student_name = canonical_student_name(settings.student_model)
     device = select_device(settings.device)
     precision = select_precision(device, settings.amp)
     data = load_task_data(task, settings.data_dir)
-    run_dir = create_run_dir(settings.output_dir, run_name(task.name, student_name, settings.temperature,
-                                                           settings.alpha, settings.run))
+    run_dir = resume_dir or create_run_dir(settings.output_dir, run_name(
+        task.name, student_name, settings.temperature, settings.alpha, settings.run))
     setup_logging(run_dir / "train.log")
     try:
         _train_in(run_dir, settings, task, student_name, precision, data)
-    except BaseException:
+    except BaseException as err:
         if not (run_dir / "checkpoint_last.pt").exists():
             setup_logging(None)  # closes the log file before its folder goes
             shutil.rmtree(run_dir, ignore_errors=True)
+        elif isinstance(err, KeyboardInterrupt):
+            log.warning("interrupted; the last finished epoch is saved. Continue with: "
+                        "python train.py --resume %s", run_dir)
         raise
     return run_dir
+
+
+def find_resume_dir(settings: TrainSettings) -> Path:
+    """The run folder to continue: given, the checkpoint's folder, or (auto) the newest matching run."""
+    if settings.resume != "auto":
+        path = Path(settings.resume)
+        run_dir = path.parent if path.is_file() else path
+        if not (run_dir / "checkpoint_last.pt").is_file():
+            raise UserError(f"cannot resume {settings.resume}: no checkpoint_last.pt there")
+        return run_dir
+    task = load_task_config(settings.task)
+    name = run_name(task.name, canonical_student_name(settings.student_model), settings.temperature,
+                    settings.alpha, settings.run)
+    candidates = [d for d in Path(settings.output_dir).glob(f"{name}*")
+                  if d.name.removeprefix(name) in ("",) or d.name.removeprefix(name).lstrip("-").isdigit()]
+    candidates = [d for d in candidates if (d / "checkpoint_last.pt").is_file()]
+    if not candidates:
+        raise UserError(f"--resume auto: no run named {name} with a checkpoint in {settings.output_dir}")
+    return max(candidates, key=lambda d: (d / "checkpoint_last.pt").stat().st_mtime)
+
+
+def read_run_settings(run_dir: Path) -> TrainSettings:
+    try:
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text())["settings"]
+        return TrainSettings(**saved)
+    except (OSError, yaml.YAMLError, KeyError, TypeError) as err:
+        raise UserError(f"cannot resume {run_dir}: its config.yaml is unreadable ({err})") from None
 
 
 def _train_in(run_dir: Path, settings: TrainSettings, task: TaskConfig, student_name: str,
@@ -83,7 +120,8 @@ def _train_in(run_dir: Path, settings: TrainSettings, task: TaskConfig, student_
     log.info("task %s: %s | train %d, val %d, test %d images (%s)", task.name, task.description,
              len(data.train), len(data.val), len(data.test), data.source)
     log.info("device %s, precision %s", device, precision.name)
-    write_yaml(_resolved_config(settings, task, student_name, precision, data.source), run_dir / "config.yaml")
+    if not settings.resume:
+        write_yaml(_resolved_config(settings, task, student_name, precision, data.source), run_dir / "config.yaml")
 
     ensemble = None
     if settings.alpha > 0:
@@ -105,17 +143,17 @@ def _train_in(run_dir: Path, settings: TrainSettings, task: TaskConfig, student_
     checkpoints = RunCheckpoints(run_dir, student, optimizer, scheduler, precision,
                                  _student_metadata(task, student_name, settings))
     metrics = MetricsLog(run_dir)
+    if settings.resume:
+        metrics.rewrite(checkpoints.restore())
+        log.info("resuming %s after epoch %d", run_dir, checkpoints.epoch)
 
     def after_epoch(row):
+        checkpoints.save(row)  # first: a run killed in between repeats this epoch, rows included
         metrics.write(row)
-        checkpoints.save(row)
-        log.info("epoch %d/%d  train loss %.4f (ce %.4f, kd %.4f) acc %.4f | val loss %.4f acc %.4f | "
-                 "lr %.2e | %.1fs", row["epoch"], settings.num_epochs, row["train_loss"], row["train_ce"],
-                 row["train_kd"], row["train_acc"], row["val_loss"], row["val_acc"], row["lr"], row["seconds"])
 
     try:
         fit(student, train_batches, val_batches, optimizer=optimizer, scheduler=scheduler, criterion=criterion,
-            epochs=settings.num_epochs, precision=precision, teachers=teachers,
+            epochs=settings.num_epochs, start_epoch=checkpoints.epoch, precision=precision, teachers=teachers,
             teacher_names=ensemble.names if ensemble else (), on_epoch=after_epoch, desc=f"student {student_name}")
     finally:
         metrics.close()
@@ -153,29 +191,47 @@ def _use_cache(settings: TrainSettings, pooled: Batches, paths: list[Path], num_
 
 
 class RunCheckpoints:
-    """checkpoint_last.pt (with optimizer, scheduler and scaler state) every epoch; checkpoint_best.pt
-    (weights only) and student.safetensors on a new best validation accuracy."""
+    """checkpoint_last.pt every epoch: model, optimizer, scheduler, grad scaler, RNG states and the
+    metrics history, all a resumed run needs to continue bit for bit; checkpoint_best.pt (weights
+    only) and student.safetensors on a new best validation accuracy."""
 
     def __init__(self, run_dir: Path, model, optimizer, scheduler, precision: Precision, metadata: dict):
         self.run_dir, self.model, self.optimizer = run_dir, model, optimizer
         self.scheduler, self.precision, self.metadata = scheduler, precision, metadata
-        self.best_val_acc, self.best_epoch = -1.0, 0
+        self.best_val_acc, self.best_epoch, self.epoch = -1.0, 0, 0
+        self.history: list[dict] = []
 
-    def _weights(self, epoch: int) -> dict:
-        return {"model": self.model.state_dict(), "epoch": epoch, "best_val_acc": self.best_val_acc,
-                "metadata": self.metadata}
+    def _weights(self) -> dict:
+        return {"model": self.model.state_dict(), "epoch": self.epoch, "best_val_acc": self.best_val_acc,
+                "best_epoch": self.best_epoch, "metadata": self.metadata}
 
-    def _full_state(self, epoch: int) -> dict:
-        return {**self._weights(epoch), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scaler": self.precision.scaler.state_dict()}
+    def _full_state(self) -> dict:
+        return {**self._weights(), "optimizer": self.optimizer.state_dict(), "history": self.history,
+                "scheduler": self.scheduler.state_dict(), "scaler": self.precision.scaler.state_dict(),
+                "rng": rng_state()}
 
     def save(self, row: dict) -> None:
+        self.epoch = row["epoch"]
+        self.history.append(row)
         if row["val_acc"] > self.best_val_acc:
             self.best_val_acc, self.best_epoch = row["val_acc"], row["epoch"]
             self.metadata.update(val_acc=row["val_acc"], epoch=row["epoch"])
-            atomic_torch_save(self._weights(row["epoch"]), self.run_dir / "checkpoint_best.pt")
+            atomic_torch_save(self._weights(), self.run_dir / "checkpoint_best.pt")
             save_weights(self.model, self.run_dir / "student.safetensors", self.metadata)
-        atomic_torch_save(self._full_state(row["epoch"]), self.run_dir / "checkpoint_last.pt")
+        atomic_torch_save(self._full_state(), self.run_dir / "checkpoint_last.pt")
+
+    def restore(self) -> list[dict]:
+        """Load checkpoint_last.pt into the model, optimizer, scheduler, scaler and RNGs; return the history."""
+        state = load_torch_checkpoint(self.run_dir / "checkpoint_last.pt")
+        load_state_into(self.model, state["model"], f"{self.run_dir / 'checkpoint_last.pt'}")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.precision.scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        self.epoch, self.history = state["epoch"], state["history"]
+        self.best_val_acc, self.best_epoch = state["best_val_acc"], state["best_epoch"]
+        self.metadata.update({k: v for k, v in state["metadata"].items() if k in ("val_acc", "epoch")})
+        return self.history
 
     def finish(self, test_batches) -> float:
         """Report the best checkpoint's test accuracy (selection used validation only)."""

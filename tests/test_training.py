@@ -119,3 +119,21 @@ def test_train_script_end_to_end(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     run_dir = Path(result.stdout.strip().splitlines()[-1])
     assert run_dir.name == "TaskT_ResNet18_T2.0_a0.6" and (run_dir / "student.safetensors").is_file()
+
+
+def test_a_non_finite_loss_stops_with_advice_and_keeps_earlier_epochs():
+    torch.manual_seed(0)
+    model = create_model("resnet10t", 3, 1, [0.3], [0.3])
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    rows = []
+
+    def poison(row):
+        rows.append(row)
+        with torch.no_grad():
+            next(model.parameters()).fill_(float("nan"))
+
+    with pytest.raises(UserError, match="NaN or infinite in epoch 2.*last good checkpoint.*lower --lr"):
+        fit(model, Batches(synthetic_split(32, 0), 16, "cpu"), Batches(synthetic_split(16, 1), 16, "cpu"),
+            optimizer=optimizer, scheduler=torch.optim.lr_scheduler.StepLR(optimizer, 10), criterion=KDLoss(2.0, 0.0),
+            epochs=3, precision=Precision(torch.device("cpu"), None), on_epoch=poison)
+    assert [r["epoch"] for r in rows] == [1]
