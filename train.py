@@ -1,6 +1,7 @@
 """Distil a task's teachers into a small student: python train.py --task B --alpha 0.6"""
 
 import argparse
+import os
 
 from kd.cli import (ArgumentParser, bounded_float, canonical_student, fraction, positive_float, positive_int,
                     unit_interval)
@@ -14,7 +15,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default="B", choices=["A", "B"], type=str.upper,
                    help="A: handwritten digits, B: Fashion-MNIST")
     p.add_argument("--config", default=None, metavar="YAML",
-                   help="a task config file; overrides --task (see configs/task_a.yaml for the format)")
+                   help="a task config file; overrides --task (configs/task_template.yaml documents the format)")
     p.add_argument("--lr", type=positive_float, default=0.001, help="learning rate (Adam)")
     p.add_argument("--batch_size", type=positive_int, default=32, help="training batch size")
     p.add_argument("--num_epochs", type=positive_int, default=100, help="student training epochs")
@@ -34,12 +35,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
                    help="mixed precision on CUDA (bf16 where supported, else fp16); ignored elsewhere")
     p.add_argument("--data_dir", default=None,
-                   help="dataset folder (task B: the Fashion-MNIST IDX files; default data/TaskB)")
+                   help="dataset folder (task B: the Fashion-MNIST IDX files, default data/TaskB; an image_folder "
+                        "task: instead of its data.root)")
     p.add_argument("--output_dir", default="runs", help="where run folders are created")
     p.add_argument("--teacher_epochs", type=positive_int, default=None,
                    help="epochs for teachers trained because their checkpoint is missing (default: their recipe)")
     p.add_argument("--teacher_weighting", default="uniform", choices=WEIGHTING_SCHEMES,
                    help="how the teachers' soft targets are combined")
+    p.add_argument("--teacher_weights", type=bounded_float(0.0), nargs="+", default=None, metavar="W",
+                   help="one weight per teacher for --teacher_weighting fixed (normalised; default: the config's)")
+    p.add_argument("--channels_last", action="store_true",
+                   help="channels-last memory format for the student (often faster on GPUs with AMP)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the student (slow start, faster steps)")
     p.add_argument("--teacher_cache", default="auto", choices=["auto", "on", "off"],
                    help="replay cached teacher logits instead of running the teachers every step; auto: when "
                         "they fit the budget and the cache exists or pays off within this run")
@@ -58,7 +65,8 @@ def main(args: argparse.Namespace) -> None:
     options = vars(args)
     options["task"] = options.pop("config") or options["task"]
     run_dir = train_student(TrainSettings(**options))
-    print(run_dir)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one line from the whole job
+        print(run_dir)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import json
 import os
 import pickle
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -87,6 +88,19 @@ def _load_torch(path: Path):
     if "model" in obj and isinstance(obj["model"], dict):  # a training checkpoint of this project
         return obj["model"], obj.get("metadata", {})
     return obj, {}
+
+
+def check_classes(meta: dict, classes: Sequence[str], source: str) -> None:
+    """A checkpoint whose metadata names its classes must have been trained for exactly the task's
+    classes, in order (a different class count alone also shows as a shape error on loading)."""
+    saved = meta.get("classes")
+    if saved is not None and list(saved) != list(classes):
+        raise UserError(f"{source} was trained for {len(saved)} classes {_preview(saved)}, the task has "
+                        f"{len(classes)}: {_preview(classes)} (the same names in the same order are needed)")
+
+
+def _preview(names: Sequence[str]) -> str:
+    return ", ".join(map(str, names[:4])) + (", ..." if len(names) > 4 else "")
 
 
 def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from kd.errors import UserError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 TASK_CONFIGS = {"A": CONFIG_DIR / "task_a.yaml", "B": CONFIG_DIR / "task_b.yaml"}
+DATA_SOURCES = ("digits", "fashion_mnist", "image_folder")
 
 
 @dataclass(frozen=True)
@@ -34,16 +36,20 @@ class TeacherSpec:
     weight: float = 1.0
     mean: tuple[float, ...] | None = None  # None: the task's normalisation
     std: tuple[float, ...] | None = None
+    # Where training starts when the checkpoint is missing: False = random weights, True = timm's
+    # published weights (downloaded), a path = a local copy of such weights.
+    pretrained: bool | str = False
 
 
 @dataclass(frozen=True)
 class DataSpec:
-    source: str  # "digits" or "fashion_mnist"
+    source: str  # one of DATA_SOURCES
     input_size: int
     channels: int
     split_seed: int = 0
     val_size: float = 0.15  # a fraction of the pool, or a count when >= 1
     test_size: float = 0.2  # used only where the source has no official test set
+    root: str | None = None  # image_folder: the folder holding train/ [val/] [test/]
 
 
 @dataclass(frozen=True)
@@ -68,15 +74,33 @@ class TaskConfig:
     def num_classes(self) -> int:
         return len(self.classes)
 
-    def teacher_checkpoint(self, teacher: TeacherSpec) -> Path:
-        path = Path(teacher.checkpoint)
+    def resolve(self, path: str | os.PathLike) -> Path:
+        """A path from the config: absolute as given, relative against `root`."""
+        path = Path(path)
         return path if path.is_absolute() else self.root / path
 
+    def teacher_checkpoint(self, teacher: TeacherSpec) -> Path:
+        return self.resolve(teacher.checkpoint)
+
+    def pretrained_weights(self, teacher: TeacherSpec) -> bool | Path:
+        """What a missing teacher starts from: False, True (timm's download) or a local weights file."""
+        return self.resolve(teacher.pretrained) if isinstance(teacher.pretrained, str) else teacher.pretrained
+
+    @property
+    def data_root(self) -> Path | None:
+        return None if self.data.root is None else self.resolve(self.data.root)
+
     def to_dict(self) -> dict:
-        """The config in its YAML file layout, so a run's saved copy loads as a task config."""
+        """The config in its YAML file layout, with absolute paths: a run's saved copy loads as a task
+        config from the run folder, whose own location would otherwise anchor relative paths."""
         out = dataclasses.asdict(self)
         del out["root"]
         out["normalization"] = {"mean": out.pop("mean"), "std": out.pop("std")}
+        out["data"]["root"] = None if self.data_root is None else str(self.data_root)
+        for entry, spec in zip(out["teachers"], self.teachers):
+            entry["checkpoint"] = str(self.teacher_checkpoint(spec))
+            weights = self.pretrained_weights(spec)
+            entry["pretrained"] = str(weights) if isinstance(weights, Path) else weights
         return out
 
 
@@ -109,6 +133,20 @@ def _optional_floats(values) -> tuple[float, ...] | None:
     return None if values is None else _floats(values)
 
 
+def _pretrained(value) -> bool | str:
+    if not isinstance(value, (bool, str)) or value == "":
+        raise TypeError(f"pretrained must be true, false or the path of a weights file, got {value!r}")
+    return value
+
+
+def list_class_folders(folder: Path) -> list[str]:
+    """The class folders of an image-folder split, sorted (hidden folders are not classes)."""
+    if not folder.is_dir():
+        raise UserError(f"{folder} is not a folder; an image_folder task needs data.root/train/<class>/<images> "
+                        "(a relative data.root is resolved against the config file's folder)")
+    return sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
 def parse_task_config(raw: dict, where: str, root: Path = CONFIG_DIR.parent) -> TaskConfig:
     """Validate a task config mapping (as read from YAML)."""
     if not isinstance(raw, dict):
@@ -118,30 +156,54 @@ def parse_task_config(raw: dict, where: str, root: Path = CONFIG_DIR.parent) -> 
     teachers = raw.pop("teachers", None) or []
     task = _build(
         TaskConfig,
-        {**raw, "mean": norm.get("mean"), "std": norm.get("std"), "teachers": (), "root": root},
+        {**raw, "classes": raw.get("classes") or (), "mean": norm.get("mean"), "std": norm.get("std"),
+         "teachers": (), "root": root},
         where,
-        data=lambda d: _build(DataSpec, d, f"{where}: data"),
+        data=lambda d: _build(DataSpec, d, f"{where}: data", input_size=int, channels=int),
         augment=lambda a: _build(AugmentSpec, a or {}, f"{where}: augment"),
-        classes=tuple,
+        classes=lambda names: tuple(str(n) for n in names),  # folder names and metadata are strings
         mean=_floats,
         std=_floats,
     )
     specs = tuple(
         _build(TeacherSpec, t, f"{where}: teachers[{i}]",
                recipe=lambda r, i=i: _build(Recipe, r or {}, f"{where}: teachers[{i}].recipe"),
-               mean=_optional_floats, std=_optional_floats)
+               mean=_optional_floats, std=_optional_floats, pretrained=_pretrained)
         for i, t in enumerate(teachers)
     )
     task = dataclasses.replace(task, teachers=specs)
+    _check_data(task.data, where)
+    if not task.classes:
+        task = dataclasses.replace(task, classes=_folder_classes(task, where))
     _check(task, where)
     return task
 
 
+def _check_data(data: DataSpec, where: str) -> None:
+    if data.source not in DATA_SOURCES:
+        raise UserError(f"{where}: data.source must be one of {', '.join(DATA_SOURCES)}, got {data.source!r}")
+    if data.input_size < 1:
+        raise UserError(f"{where}: data.input_size must be a positive number of pixels, got {data.input_size}")
+    if data.source != "image_folder":
+        return
+    if not data.root:
+        raise UserError(f"{where}: data.source image_folder needs data.root, the folder holding train/ val/ test/")
+    if data.channels not in (1, 3):
+        raise UserError(f"{where}: data.channels must be 1 (grayscale) or 3 (RGB), got {data.channels}")
+
+
+def _folder_classes(task: TaskConfig, where: str) -> tuple[str, ...]:
+    """Without a `classes` list, an image-folder task's classes are its train/ sub-folders, sorted."""
+    if task.data.source != "image_folder":
+        raise UserError(f"{where}: missing key classes (only an image_folder task may leave it out)")
+    return tuple(list_class_folders(task.data_root / "train"))
+
+
 def _check(task: TaskConfig, where: str) -> None:
-    if task.data.source not in ("digits", "fashion_mnist"):
-        raise UserError(f"{where}: data.source must be 'digits' or 'fashion_mnist', got {task.data.source!r}")
     if len(task.classes) < 2:
-        raise UserError(f"{where}: at least two classes are needed")
+        raise UserError(f"{where}: at least two classes are needed, got {list(task.classes)}")
+    if len(set(task.classes)) != len(task.classes):
+        raise UserError(f"{where}: class names must be unique, got {list(task.classes)}")
     for stats in [(task.mean, task.std)] + [(t.mean, t.std) for t in task.teachers if t.mean]:
         if len(stats[0]) != task.data.channels or len(stats[1]) != task.data.channels:
             raise UserError(f"{where}: normalization needs one mean and one std per channel "
@@ -156,8 +218,8 @@ def _check(task: TaskConfig, where: str) -> None:
 def load_task_config(task: str) -> TaskConfig:
     """Load task 'A' or 'B' (case-insensitive) or a YAML file by path.
 
-    Relative teacher checkpoints resolve against the repository for the built-in tasks and
-    against the config file's folder for any other file.
+    Relative paths (teacher checkpoints, pretrained weights, data.root) resolve against the
+    repository for the built-in tasks and against the config file's folder for any other file.
     """
     builtin = TASK_CONFIGS.get(task.upper())
     path = builtin or Path(task)

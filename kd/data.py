@@ -1,8 +1,8 @@
 """Data sources, fixed splits, and a device-resident batch iterator with batched augmentation.
 
-Both built-in datasets fit in memory, so every split is kept as one uint8 tensor (N, C, H, W).
-Batches are sliced, augmented and scaled to [0, 1] on the training device; each model normalises
-its own input (see kd.models.Normalized).
+Every source (the built-in datasets and a folder of image files) is loaded into memory, so every
+split is kept as one uint8 tensor (N, C, H, W). Batches are sliced, augmented and scaled to [0, 1]
+on the training device; each model normalises its own input (see kd.models.Normalized).
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
-from kd.config import AugmentSpec, TaskConfig
+from kd.config import AugmentSpec, TaskConfig, list_class_folders
 from kd.errors import UserError
 
 REPO_DATA_DIR = Path(__file__).resolve().parent.parent / "data"
@@ -27,6 +28,7 @@ FASHION_FILES = {
     "train_images": "train-images-idx3-ubyte", "train_labels": "train-labels-idx1-ubyte",
     "test_images": "t10k-images-idx3-ubyte", "test_labels": "t10k-labels-idx1-ubyte",
 }
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
 @dataclass(frozen=True)
@@ -57,19 +59,83 @@ class TaskData:
 
 
 def load_task_data(task: TaskConfig, data_dir: str | os.PathLike | None = None) -> TaskData:
-    """Load the task's dataset, split it the fixed way, resize to the task's input size."""
-    if task.data.source == "digits":
-        images, labels, source = _load_digits()
-        pool, test = _stratified_split(images, labels, task.data.test_size, task.data.split_seed)
-    else:
-        (train_x, train_y, test_x, test_y), source = _load_fashion_mnist(data_dir)
-        pool, test = (train_x, train_y), (test_x, test_y)
-    train, val = _stratified_split(*pool, task.data.val_size, task.data.split_seed)
-    splits = [_to_split(x, y, task) for x, y in (train, val, test)]
+    """Load the task's dataset, split it the fixed way, resize to the task's input size.
+
+    A split the source does not provide is carved, stratified, from the training pool: first the
+    test split (data.test_size), then the validation split (data.val_size), seeded by data.split_seed.
+    `data_dir` overrides where Fashion-MNIST or an image folder is read from.
+    """
+    arrays, source = _read_source(task, data_dir)
+    if "test" not in arrays:
+        arrays["train"], arrays["test"] = _stratified_split(*arrays["train"], task.data.test_size,
+                                                            task.data.split_seed)
+    if "val" not in arrays:
+        arrays["train"], arrays["val"] = _stratified_split(*arrays["train"], task.data.val_size, task.data.split_seed)
+    splits = [_to_split(*arrays[name], task) for name in ("train", "val", "test")]
     for name, split in zip(("train", "val", "test"), splits):
         if len(split) == 0:
             raise UserError(f"the {name} split of task {task.name} is empty; check data.val_size/test_size")
     return TaskData(*splits, source=source)
+
+
+def _read_source(task: TaskConfig, data_dir) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], str]:
+    """({split name: (images, labels)} for the splits the source provides, a description of the source)."""
+    if task.data.source == "digits":
+        images, labels, source = _load_digits()
+        return {"train": (images, labels)}, source
+    if task.data.source == "image_folder":
+        return _load_image_folder(task, Path(data_dir) if data_dir else task.data_root)
+    (train_x, train_y, test_x, test_y), source = _load_fashion_mnist(data_dir)
+    return {"train": (train_x, train_y), "test": (test_x, test_y)}, source
+
+
+def _load_image_folder(task: TaskConfig, root: Path):
+    """root/train/<class>/*, and root/val/, root/test/ where present, read in the task's class order."""
+    if not (root / "train").is_dir():
+        raise UserError(f"{root} has no train/ folder; an image_folder task needs {root}/train/<class>/<images>")
+    arrays = {name: _read_image_split(root / name, task) for name in ("train", "val", "test")
+              if (root / name).is_dir()}
+    return arrays, f"image folder {root} ({', '.join(arrays)})"
+
+
+def _read_image_split(folder: Path, task: TaskConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Every image below folder/<class>/, converted and resized like the task's input; (images, labels)."""
+    found = list_class_folders(folder)
+    unknown = [name for name in found if name not in task.classes]
+    if unknown:
+        raise UserError(f"{folder}: folder(s) {', '.join(unknown)} are not among the task's classes "
+                        f"({', '.join(task.classes)}); add them to `classes` in the config or move them out")
+    per_class = [list_images(folder / name) if name in found else [] for name in task.classes]
+    missing = [name for name, paths in zip(task.classes, per_class) if not paths]
+    if missing:
+        raise UserError(f"{folder} has no images of class(es) {', '.join(missing)} (no folder, or no "
+                        f"{'/'.join(IMAGE_SUFFIXES)} files in it); every split needs each class")
+    files = [(path, label) for label, paths in enumerate(per_class) for path in paths]
+    images = [read_image(path, task.data.channels, task.data.input_size)
+              for path, _ in tqdm(files, desc=f"reading {folder}", leave=False)]
+    return np.stack(images), np.array([label for _, label in files], dtype=np.int64)
+
+
+def list_images(folder: Path) -> list[Path]:
+    """The image files below `folder` (recursively, by suffix, skipping hidden files and folders such as
+    .ipynb_checkpoints), sorted so the order is the same everywhere."""
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def read_image(path: Path, channels: int, size: int) -> np.ndarray:
+    """One image file as uint8 (channels, size, size): converted to grayscale (1) or RGB (3) and
+    resized to size x size (bilinear, the aspect ratio is not kept); an unreadable file is a UserError."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image = image.convert("L" if channels == 1 else "RGB")
+            image = image.resize((size, size), Image.Resampling.BILINEAR)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:  # what PIL raises on bad files
+        raise UserError(f"cannot read image {path}: {err}") from None
+    array = np.asarray(image, dtype=np.uint8)
+    return array[None] if channels == 1 else array.transpose(2, 0, 1)
 
 
 def _load_digits():
@@ -151,8 +217,12 @@ def _stratified_split(images, labels, size, seed):
     size = int(size) if size >= 1 else float(size)
     if isinstance(size, int) and size >= len(labels):
         raise UserError(f"cannot hold out {size} images from a pool of {len(labels)}; lower data.val_size/test_size")
-    keep_x, held_x, keep_y, held_y = train_test_split(
-        images, labels, test_size=size, random_state=seed, stratify=labels)
+    try:
+        keep_x, held_x, keep_y, held_y = train_test_split(
+            images, labels, test_size=size, random_state=seed, stratify=labels)
+    except ValueError as err:  # e.g. a class with a single image cannot be stratified
+        raise UserError(f"cannot carve a stratified split of {size} from {len(labels)} images ({err}); add images "
+                        "or provide the split as a folder") from None
     return (keep_x, keep_y), (held_x, held_y)
 
 
@@ -231,9 +301,10 @@ class Batches:
 
     def __init__(self, split: Split, batch_size: int, device, *, shuffle: bool = False,
                  augment: AugmentSpec | None = None, seed: int = 0, views: int | None = None,
-                 pool_seed: int = 0):
+                 pool_seed: int = 0, rank: int = 0, world_size: int = 1):
         self.split = split.to(device)
         self.batch_size = batch_size
+        self.rank, self.world_size = rank, world_size
         self.device = torch.device(device)
         self.shuffle = shuffle
         self.augment = augment if augment and (augment.crop_padding or augment.hflip) else None
@@ -258,7 +329,7 @@ class Batches:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return -(-len(self.split) // self.batch_size)
+        return -(-len(self.split) // (self.batch_size * self.world_size))
 
     def __iter__(self) -> Iterator[Batch]:
         n = len(self.split)
@@ -268,9 +339,23 @@ class Batches:
         chosen = None
         if self.view_params is not None:
             chosen = torch.randint(0, len(self.view_params), (n,), generator=aug_gen, device=self.device)
-        for start in range(0, n, self.batch_size):
-            idx = order[start:start + self.batch_size]
+        for idx in self._shard(order):
             yield self.batch(idx, None if chosen is None else chosen[idx], aug_gen)
+
+    def _shard(self, order: torch.Tensor) -> Iterator[torch.Tensor]:
+        """This process's part of each global batch (batch_size x world_size images).
+
+        With several processes the order is padded by wrapping around to a multiple of the world
+        size (as DistributedSampler does), so every process takes the same number of equal steps
+        and the processes' parts of a global batch together are the single-process batch.
+        """
+        if self.world_size > 1:
+            order = torch.cat([order, order[:(-len(order)) % self.world_size]])
+        step = self.batch_size * self.world_size
+        for start in range(0, len(order), step):
+            global_batch = order[start:start + step]
+            share = len(global_batch) // self.world_size
+            yield global_batch[self.rank * share:(self.rank + 1) * share]
 
     def batch(self, idx: torch.Tensor, view: torch.Tensor | None = None,
               generator: torch.Generator | None = None) -> Batch:

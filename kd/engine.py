@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from kd.data import Batch
+from kd.distributed import reduce_sum
 from kd.errors import UserError
 from kd.losses import KDLoss
 
@@ -119,10 +120,11 @@ def train_one_epoch(model: nn.Module, batches: Iterable[Batch], optimizer: torch
         if weights is not None:
             weight_sum = weights * n if weight_sum is None else weight_sum + weights * n
         count += n
-    loss, ce, kd, correct = (sums / max(count, 1)).tolist()
+    count = reduce_sum(torch.tensor(float(count), device=precision.device))
+    loss, ce, kd, correct = (reduce_sum(sums) / count.clamp(min=1)).tolist()
     result = {"loss": loss, "ce": ce, "kd": kd, "acc": correct}
     if weight_sum is not None:
-        result["teacher_weights"] = (weight_sum / count).tolist()
+        result["teacher_weights"] = (reduce_sum(weight_sum) / count).tolist()
     return result
 
 

@@ -21,9 +21,9 @@ from tqdm import tqdm
 
 from kd import metrics as m
 from kd import plots
-from kd.checkpoint import load_state_into, load_weights
+from kd.checkpoint import check_classes, load_state_into, load_weights
 from kd.cli import ArgumentParser
-from kd.config import TASK_CONFIGS, TaskConfig, load_task_config
+from kd.config import TASK_CONFIGS, TaskConfig, load_task_config, parse_task_config
 from kd.data import Batches, Split, TaskData, load_task_data
 from kd.engine import Precision, collect_logits, select_device
 from kd.errors import UserError, run_cli
@@ -84,20 +84,25 @@ def resolve_run(task: TaskConfig, runs_root, hint: str, run_dir=None, checkpoint
     if run_dir is None:
         run_dir = Path(checkpoint).parent if checkpoint else find_latest_run(task.name, runs_root, hint)
     run_dir = Path(run_dir)
-    config_path = run_dir / "config.yaml"
-    if not config_path.is_file():
-        raise UserError(f"{run_dir} is not a run folder (it has no config.yaml); pass a folder made by train.py")
+    config = read_run_config(run_dir)
     checkpoint = Path(checkpoint) if checkpoint else student_checkpoint(run_dir)
     if checkpoint is None:
         raise UserError(f"{run_dir} has no {' or '.join(STUDENT_CHECKPOINTS)} yet; is it still in its first epoch?")
-    return RunSelection(run_dir, checkpoint, read_run_settings(config_path, task))
+    return RunSelection(run_dir, checkpoint, read_run_settings(config, run_dir / "config.yaml", task))
 
 
-def read_run_settings(config_path: Path, task: TaskConfig) -> dict:
+def read_run_config(run_dir: Path) -> dict:
+    """The run's config.yaml, as train.py wrote it."""
+    config_path = Path(run_dir) / "config.yaml"
+    if not config_path.is_file():
+        raise UserError(f"{run_dir} is not a run folder (it has no config.yaml); pass a folder made by train.py")
     try:
-        config = yaml.safe_load(config_path.read_text()) or {}
+        return yaml.safe_load(config_path.read_text()) or {}
     except yaml.YAMLError as err:
         raise UserError(f"{config_path}: not valid YAML ({err})") from None
+
+
+def read_run_settings(config: dict, config_path: Path, task: TaskConfig) -> dict:
     settings = config.get("settings") or {}
     missing = [key for key in RUN_SETTINGS if key not in settings]
     if missing:
@@ -108,13 +113,29 @@ def read_run_settings(config_path: Path, task: TaskConfig) -> dict:
     return settings
 
 
+def run_task(run_dir: Path) -> TaskConfig:
+    """The task a run was trained on (classes, input, data), from the copy in its config.yaml."""
+    raw = read_run_config(run_dir).get("task")
+    if not isinstance(raw, dict):
+        raise UserError(f"{run_dir}/config.yaml has no task section; was it written by train.py?")
+    return parse_task_config(raw, f"{run_dir}/config.yaml: task", root=Path(run_dir))
+
+
+def open_run_student(run_dir=None, checkpoint=None) -> tuple[nn.Module, TaskConfig, RunSelection]:
+    """A run's student (eval mode, CPU) and the task it was trained on: the run folder given, or the
+    folder of the given checkpoint."""
+    if run_dir is None and checkpoint is None:
+        raise UserError("pass a run folder (--run_dir) or a student checkpoint inside one (--checkpoint)")
+    run_dir = Path(run_dir) if run_dir else Path(checkpoint).parent
+    task = run_task(run_dir)
+    run = resolve_run(task, runs_root=None, hint="", run_dir=run_dir, checkpoint=checkpoint)
+    return load_student(run, task)[0], task, run
+
+
 def load_student(run: RunSelection, task: TaskConfig) -> tuple[nn.Module, dict]:
     """The run's student architecture with the checkpoint's weights, in eval mode; (model, metadata)."""
     state, meta = load_weights(run.checkpoint)
-    classes = meta.get("classes")
-    if classes is not None and list(classes) != list(task.classes):
-        raise UserError(f"{run.checkpoint} was trained for classes {classes[:3]}..., "
-                        f"task {task.name} has {list(task.classes[:3])}...")
+    check_classes(meta, task.classes, f"student checkpoint {run.checkpoint}")
     model = build_student(run.settings["student_model"], task)
     load_state_into(model, state, f"student checkpoint {run.checkpoint}")
     return model.eval(), meta
@@ -265,27 +286,33 @@ def model_points(results: dict) -> list[plots.ModelPoint]:
     return points
 
 
-def task_parser(task: str) -> argparse.ArgumentParser:
-    p = ArgumentParser(description=f"Evaluate task {task}'s student and teachers on the test split: "
-                                   f"metrics.json and figures in evaluation/Task{task}/.",
+def task_parser(task: str | None) -> argparse.ArgumentParser:
+    """The flags of evaluation_task<a|b>.py (`task` A or B) and of evaluation_task.py (None: --config is required)."""
+    name = task or "<name>"
+    p = ArgumentParser(description=f"Evaluate task {name}'s student and teachers on the test split: "
+                                   f"metrics.json and figures in evaluation/Task{name}/.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", default=None, required=task is None, metavar="YAML",
+                   help="a task config file (the one the run was trained with)" + (f"; overrides task {task}"
+                                                                                     if task else ""))
     p.add_argument("--run_dir", default=None,
-                   help=f"run folder to evaluate (default: the newest Task{task}_* run with a checkpoint)")
+                   help=f"run folder to evaluate (default: the newest Task{name}_* run with a checkpoint)")
     p.add_argument("--checkpoint", default=None,
                    help="student weights (default: the run's student.safetensors, else checkpoint_best.pt)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                    help="device for the test-set pass; speed is always measured on CPU")
-    p.add_argument("--output_dir", default=None, help=f"where results go (default: evaluation/Task{task})")
+    p.add_argument("--output_dir", default=None, help=f"where results go (default: evaluation/Task{name})")
     p.add_argument("--runs_root", default="runs", help="folder holding the run folders")
     return p
 
 
-def main_for_task(task: str, argv: list[str] | None = None) -> None:
-    """The whole of evaluation_task<a|b>.py: parse flags, evaluate, print a short result."""
-    args = task_parser(task).parse_args(argv)
+def main_for_task(task: str | None = None, argv: list[str] | None = None) -> None:
+    """The whole of evaluation_task<a|b>.py and evaluation_task.py: parse flags, evaluate, print a short result."""
+    args = vars(task_parser(task).parse_args(argv))
+    config = args.pop("config") or task
 
     def main():
         setup_logging(None)
-        print(format_task_result(evaluate_task(task, **vars(args))))
+        print(format_task_result(evaluate_task(config, **args)))
 
     run_cli(main)

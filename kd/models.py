@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Sequence
+from pathlib import Path
 
 import timm
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from kd.errors import UserError
 
@@ -28,14 +31,43 @@ class Normalized(nn.Module):
         return self.backbone((x - self.mean) / self.std)
 
 
-def create_model(arch: str, num_classes: int, in_chans: int, mean: Sequence[float],
-                 std: Sequence[float]) -> Normalized:
-    """Build a timm architecture for small inputs, untrained, inside a Normalized wrapper."""
+def create_model(arch: str, num_classes: int, in_chans: int, mean: Sequence[float], std: Sequence[float], *,
+                 pretrained: bool | Path = False, small_input: bool = True) -> Normalized:
+    """Build a timm architecture inside a Normalized wrapper.
+
+    Its weights are random, timm's published ones (`pretrained=True`, downloaded) or those of a local
+    weights file (`pretrained=path`); the classifier is new whenever num_classes differs from theirs.
+    With `small_input` (every model this project trains) the first downsampling is halved; without
+    it the architecture is exactly timm's, for weights trained elsewhere.
+    """
+    backbone = create_backbone(arch, num_classes, in_chans, pretrained)
+    return Normalized(halve_first_downsampling(backbone) if small_input else backbone, mean, std)
+
+
+def create_backbone(arch: str, num_classes: int, in_chans: int, pretrained: bool | Path = False) -> nn.Module:
+    if not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, timm.list_models(), n=5)
+        raise UserError(f"unknown timm architecture {arch!r}" + (f"; close matches: {', '.join(close)}" if close
+                                                                  else "; timm.list_models() lists them all"))
+    if not pretrained:
+        return timm.create_model(arch, num_classes=num_classes, in_chans=in_chans)
+    overlay = {"file": str(pretrained)} if isinstance(pretrained, Path) else None
     try:
-        backbone = timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_chans)
-    except RuntimeError as err:  # timm's "Unknown model" error
-        raise UserError(f"unknown timm architecture {arch!r} ({err})") from None
-    return Normalized(halve_first_downsampling(backbone), mean, std)
+        return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=overlay, num_classes=num_classes,
+                                 in_chans=in_chans)
+    except Exception as err:  # the hub client, urllib, torch.hub and file loaders each raise their own types
+        raise UserError(pretrained_error(arch, pretrained, err)) from None
+
+
+def pretrained_error(arch: str, pretrained: bool | Path, err: Exception) -> str:
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if isinstance(pretrained, Path):
+        return f"cannot load pretrained weights for {arch} from {pretrained} ({reason})"
+    return (f"could not fetch timm's pretrained weights for {arch} ({reason}); offline, download them on a "
+            f"machine with internet (timm.create_model('{arch}', pretrained=True) caches them, or get the "
+            f"model's .safetensors from its hub page) and set the teacher's `pretrained:` to that file "
+            f"(it is passed to timm as pretrained_cfg_overlay=dict(file=...)), or set `checkpoint:` to "
+            f"an already trained teacher")
 
 
 def halve_first_downsampling(model: nn.Module) -> nn.Module:
@@ -52,9 +84,7 @@ def halve_first_downsampling(model: nn.Module) -> nn.Module:
             continue
         stride = _stride(module)
         if isinstance(module, nn.Conv2d) and _size(module.kernel_size) == stride:
-            half = stride // 2
-            _replace(model, name, nn.Conv2d(module.in_channels, module.out_channels, half, half,
-                                            bias=module.bias is not None))
+            _replace(model, name, _halved_patchify(module))
         elif isinstance(module, nn.Conv2d):
             module.stride = (stride // 2, stride // 2)
         elif stride == 2:
@@ -63,6 +93,22 @@ def halve_first_downsampling(model: nn.Module) -> nn.Module:
             module.stride = stride // 2
         return model
     return model
+
+
+def _halved_patchify(conv: nn.Conv2d) -> nn.Conv2d:
+    """A patchify conv with half the kernel and stride whose weights are the old kernel's 2x2 blocks summed.
+
+    On an image it computes what the old conv computed on that image upscaled 2x (nearest), so
+    pretrained weights carry over; for random weights the sum keeps their spread right for the
+    smaller fan-in.
+    """
+    half = _stride(conv) // 2
+    new = nn.Conv2d(conv.in_channels, conv.out_channels, half, half, bias=conv.bias is not None)
+    with torch.no_grad():
+        new.weight.copy_(F.avg_pool2d(conv.weight, 2) * 4)
+        if conv.bias is not None:
+            new.bias.copy_(conv.bias)
+    return new
 
 
 def _size(value) -> int:

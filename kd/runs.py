@@ -52,10 +52,11 @@ class TqdmHandler(logging.Handler):
         tqdm.write(self.format(record), file=sys.stderr)
 
 
-def setup_logging(log_file: Path | None = None) -> None:
-    """Log INFO to stderr and, when given, to a file in the run folder."""
+def setup_logging(log_file: Path | None = None, quiet: bool = False) -> None:
+    """Log INFO (WARNING when quiet: the other processes of a distributed run) to stderr and,
+    when given, to a file in the run folder."""
     logger = logging.getLogger("kd")
-    logger.setLevel(logging.INFO)
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
         handler.close()

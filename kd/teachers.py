@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from kd.checkpoint import load_state_into, load_weights, save_weights
+from kd.checkpoint import check_classes, load_state_into, load_weights, save_weights
 from kd.config import TaskConfig, TeacherSpec
 from kd.data import Batches, TaskData
 from kd.engine import Precision, evaluate, fit, seed_everything
@@ -47,31 +48,44 @@ def freeze(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
-def build_teacher(spec: TeacherSpec, task: TaskConfig) -> Normalized:
-    return create_model(spec.arch, task.num_classes, task.data.channels,
-                        spec.mean or task.mean, spec.std or task.std)
+def build_teacher(spec: TeacherSpec, task: TaskConfig, *, pretrained: bool | Path = False,
+                  small_input: bool = True) -> Normalized:
+    return create_model(spec.arch, task.num_classes, task.data.channels, spec.mean or task.mean,
+                        spec.std or task.std, pretrained=pretrained, small_input=small_input)
 
 
 def load_teacher(spec: TeacherSpec, task: TaskConfig) -> tuple[Normalized, dict]:
-    """Build the teacher's architecture and load its checkpoint; returns (frozen model, metadata)."""
+    """Build the teacher's architecture and load its checkpoint; returns (frozen model, metadata).
+
+    The checkpoint is this project's layout (the timm model under `backbone.` plus the `mean`/`std`
+    buffers), or a plain timm state dict, as `model.state_dict()` of timm's own architecture gives
+    it: that one is loaded into the unmodified architecture, with the teacher's (or the task's)
+    normalisation, so the teacher computes what it computed where it was trained.
+    """
     path = task.teacher_checkpoint(spec)
+    source = f"teacher {spec.name} ({path})"
     state, meta = load_weights(path)
-    classes = meta.get("classes")
-    if classes is not None and list(classes) != list(task.classes):
-        raise UserError(f"teacher {spec.name} ({path}) was trained for {len(classes)} classes "
-                        f"{classes[:3]}..., task {task.name} has {task.num_classes}")
+    check_classes(meta, task.classes, source)
     if meta.get("arch", spec.arch) != spec.arch:
-        raise UserError(f"teacher {spec.name} ({path}) is a {meta['arch']}, the config says {spec.arch}")
-    model = build_teacher(spec, task)
-    load_state_into(model, state, f"teacher {spec.name} ({path})")
+        raise UserError(f"{source} is a {meta['arch']}, the config says {spec.arch}")
+    plain = is_plain_timm_state(state)
+    model = build_teacher(spec, task, small_input=not plain)
+    if plain:
+        state = {**{f"backbone.{key}": value for key, value in state.items()}, "mean": model.mean, "std": model.std}
+    load_state_into(model, state, source)
     return freeze(model), meta
+
+
+def is_plain_timm_state(state: dict) -> bool:
+    """A timm model's own state dict, not wrapped in kd.models.Normalized."""
+    return "mean" not in state and not any(key.startswith("backbone.") for key in state)
 
 
 def train_teacher(spec: TeacherSpec, task: TaskConfig, data: TaskData, precision: Precision) -> dict:
     """Train one teacher with its recipe through the common engine, save it, return its metadata."""
     recipe = spec.recipe
     seed_everything(recipe.seed)
-    model = build_teacher(spec, task).to(precision.device)
+    model = build_teacher(spec, task, pretrained=task.pretrained_weights(spec)).to(precision.device)
     device = precision.device
     train = Batches(data.train, recipe.batch_size, device, shuffle=True, augment=task.augment, seed=recipe.seed)
     val = Batches(data.val, 512, device)
@@ -90,7 +104,8 @@ def train_teacher(spec: TeacherSpec, task: TaskConfig, data: TaskData, precision
     test_acc = evaluate(model, Batches(data.test, 512, device), precision)["acc"]
     meta = {"arch": spec.arch, "classes": list(task.classes), "task": task.name,
             "val_acc": best["val_acc"], "test_acc": test_acc, "best_epoch": best["epoch"],
-            "recipe": dataclasses.asdict(recipe), "params": count_parameters(model)}
+            "recipe": dataclasses.asdict(recipe), "params": count_parameters(model),
+            "pretrained": str(task.pretrained_weights(spec))}
     save_weights(model, task.teacher_checkpoint(spec), meta)
     return meta
 
@@ -104,8 +119,9 @@ def prepare_teachers(task: TaskConfig, data: TaskData, precision: Precision,
         if not path.exists():
             if teacher_epochs:
                 spec = dataclasses.replace(spec, recipe=dataclasses.replace(spec.recipe, epochs=teacher_epochs))
-            log.warning("TEACHER CHECKPOINT MISSING: %s. Training teacher %s (%s) for %d epoch(s) "
-                        "with its recipe; it will be saved there.", path, spec.name, spec.arch, spec.recipe.epochs)
+            log.warning("TEACHER CHECKPOINT MISSING: %s. Training teacher %s (%s) for %d epoch(s) with its "
+                        "recipe, starting from %s; it will be saved there.", path, spec.name, spec.arch,
+                        spec.recipe.epochs, _start_weights(task.pretrained_weights(spec)))
             meta = train_teacher(spec, task, data, precision)
             log.warning("Trained teacher %s: val acc %.4f, test acc %.4f, saved to %s",
                         spec.name, meta["val_acc"], meta["test_acc"], path)
@@ -114,6 +130,12 @@ def prepare_teachers(task: TaskConfig, data: TaskData, precision: Precision,
         log.info("teacher %-16s %-22s %6.2fM params  val acc %s  (%s)", spec.name, spec.arch,
                  count_parameters(model) / 1e6, _fmt(metas[spec.name].get("val_acc")), path)
     return TeacherEnsemble(models).to(precision.device), metas
+
+
+def _start_weights(pretrained: bool | Path) -> str:
+    if isinstance(pretrained, Path):
+        return f"the pretrained weights in {pretrained}"
+    return "timm's pretrained weights" if pretrained else "random weights"
 
 
 def _fmt(value) -> str:

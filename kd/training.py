@@ -10,7 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 import yaml
+from torch.nn.parallel import DistributedDataParallel
 
 from kd.cache import BUDGET_BYTES, cache_bytes, cache_paths, load_or_build_cache
 from kd.checkpoint import atomic_torch_save, load_state_into, load_torch_checkpoint, save_weights
@@ -18,6 +20,7 @@ from kd.config import TaskConfig, load_task_config
 from kd.data import Batches, TaskData, load_task_data
 from kd.engine import (Precision, evaluate, fit, online_teachers, rng_state, select_device, select_precision,
                        seed_everything, set_rng_state)
+from kd.distributed import World, broadcast, init_world, main_process_first, process_device, shutdown
 from kd.errors import UserError
 from kd.losses import KDLoss
 from kd.models import count_parameters
@@ -55,13 +58,17 @@ class TrainSettings:
     teacher_cache_views: int = 8
     cache_dir: str = "cache"
     resume: str | None = None  # "auto", a run folder, or its checkpoint_last.pt
+    teacher_weights: tuple[float, ...] | None = None  # for teacher_weighting="fixed"; default: the config's
+    channels_last: bool = False
+    compile: bool = False
 
 
 def train_student(settings: TrainSettings) -> Path:
     """Distil the task's teachers into a student; returns the run folder.
 
     A run that fails before its first checkpoint leaves no folder behind. With `resume`, the run
-    continues in its own folder with the settings it was started with.
+    continues in its own folder with the settings it was started with. Under torchrun every
+    process trains its shard of each batch; rank 0 alone logs and writes.
     """
     resume_dir = find_resume_dir(settings) if settings.resume else None
     if resume_dir is not None:
@@ -69,14 +76,26 @@ def train_student(settings: TrainSettings) -> Path:
     task = load_task_config(settings.task)
     student_name = canonical_student_name(settings.student_model)
     device = select_device(settings.device)
-    precision = select_precision(device, settings.amp)
-    data = load_task_data(task, settings.data_dir)
-    run_dir = resume_dir or create_run_dir(settings.output_dir, run_name(
-        task.name, student_name, settings.temperature, settings.alpha, settings.run))
-    setup_logging(run_dir / "train.log")
+    world = init_world(device)
     try:
-        _train_in(run_dir, settings, task, student_name, precision, data)
+        precision = select_precision(process_device(device, world), settings.amp)
+        data = load_task_data(task, settings.data_dir)
+        run_dir = resume_dir or (create_run_dir(settings.output_dir, run_name(
+            task.name, student_name, settings.temperature, settings.alpha, settings.run)) if world.is_main else None)
+        run_dir = broadcast(run_dir)
+        setup_logging(run_dir / "train.log" if world.is_main else None, quiet=not world.is_main)
+        _train_guarded(run_dir, settings, task, student_name, precision, data, world)
+    finally:
+        shutdown()
+    return run_dir
+
+
+def _train_guarded(run_dir: Path, settings, task, student_name, precision, data, world: World) -> None:
+    try:
+        _train_in(run_dir, settings, task, student_name, precision, data, world)
     except BaseException as err:
+        if not world.is_main:
+            raise
         if not (run_dir / "checkpoint_last.pt").exists():
             setup_logging(None)  # closes the log file before its folder goes
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -84,7 +103,6 @@ def train_student(settings: TrainSettings) -> Path:
             log.warning("interrupted; the last finished epoch is saved. Continue with: "
                         "python train.py --resume %s", run_dir)
         raise
-    return run_dir
 
 
 def find_resume_dir(settings: TrainSettings) -> Path:
@@ -99,11 +117,15 @@ def find_resume_dir(settings: TrainSettings) -> Path:
     name = run_name(task.name, canonical_student_name(settings.student_model), settings.temperature,
                     settings.alpha, settings.run)
     candidates = [d for d in Path(settings.output_dir).glob(f"{name}*")
-                  if d.name.removeprefix(name) in ("",) or d.name.removeprefix(name).lstrip("-").isdigit()]
-    candidates = [d for d in candidates if (d / "checkpoint_last.pt").is_file()]
+                  if _is_repeat_suffix(d.name[len(name):]) and (d / "checkpoint_last.pt").is_file()]
     if not candidates:
         raise UserError(f"--resume auto: no run named {name} with a checkpoint in {settings.output_dir}")
     return max(candidates, key=lambda d: (d / "checkpoint_last.pt").stat().st_mtime)
+
+
+def _is_repeat_suffix(suffix: str) -> bool:
+    """'' or '-N': the suffixes create_run_dir gives repeated run names."""
+    return suffix == "" or (suffix.startswith("-") and suffix[1:].isdigit())
 
 
 def read_run_settings(run_dir: Path) -> TrainSettings:
@@ -115,56 +137,86 @@ def read_run_settings(run_dir: Path) -> TrainSettings:
 
 
 def _train_in(run_dir: Path, settings: TrainSettings, task: TaskConfig, student_name: str,
-              precision: Precision, data: TaskData) -> None:
+              precision: Precision, data: TaskData, world: World) -> None:
     device = precision.device
     log.info("task %s: %s | train %d, val %d, test %d images (%s)", task.name, task.description,
              len(data.train), len(data.val), len(data.test), data.source)
-    log.info("device %s, precision %s", device, precision.name)
-    if not settings.resume:
-        write_yaml(_resolved_config(settings, task, student_name, precision, data.source), run_dir / "config.yaml")
+    log.info("device %s, precision %s, %d process(es)", device, precision.name, world.size)
+    if not settings.resume and world.is_main:
+        write_yaml(_resolved_config(settings, task, student_name, precision, data.source, world),
+                   run_dir / "config.yaml")
 
     ensemble = None
     if settings.alpha > 0:
-        ensemble, _ = prepare_teachers(task, data, precision, settings.teacher_epochs)
+        with main_process_first(world):  # rank 0 trains missing teachers; the others load them
+            ensemble, _ = prepare_teachers(task, data, precision, settings.teacher_epochs)
     else:
         log.info("alpha = 0: hard labels only, the teachers are not used")
-    train_batches, teachers = _teacher_source(settings, task, data, ensemble, precision)
+    with main_process_first(world):
+        train_batches, teachers = _teacher_source(settings, task, data, ensemble, precision, world)
 
     seed_everything(settings.seed)
     student = build_student(student_name, task).to(device)
     log.info("student %s (%s): %.2fM parameters", student_name, STUDENT_ARCHS[student_name],
              count_parameters(student) / 1e6)
+    trained = _wrap_for_training(student, settings, device, world)
     optimizer = torch.optim.Adam(student.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, settings.scheduler_step, settings.scheduler_gamma)
     val_batches = Batches(data.val, EVAL_BATCH_SIZE, device)
     criterion = KDLoss(settings.temperature, settings.alpha, settings.teacher_weighting,
-                       fixed_weights=[t.weight for t in task.teachers])
+                       fixed_weights=fixed_teacher_weights(settings.teacher_weights, task))
 
     checkpoints = RunCheckpoints(run_dir, student, optimizer, scheduler, precision,
                                  _student_metadata(task, student_name, settings))
-    metrics = MetricsLog(run_dir)
+    metrics = MetricsLog(run_dir) if world.is_main else None
     if settings.resume:
-        metrics.rewrite(checkpoints.restore())
+        history = checkpoints.restore()
+        if metrics:
+            metrics.rewrite(history)
         log.info("resuming %s after epoch %d", run_dir, checkpoints.epoch)
 
     def after_epoch(row):
-        checkpoints.save(row)  # first: a run killed in between repeats this epoch, rows included
-        metrics.write(row)
+        if world.is_main:
+            checkpoints.save(row)  # first: a run killed in between repeats this epoch, rows included
+            metrics.write(row)
 
     try:
-        fit(student, train_batches, val_batches, optimizer=optimizer, scheduler=scheduler, criterion=criterion,
+        fit(trained, train_batches, val_batches, optimizer=optimizer, scheduler=scheduler, criterion=criterion,
             epochs=settings.num_epochs, start_epoch=checkpoints.epoch, precision=precision, teachers=teachers,
             teacher_names=ensemble.names if ensemble else (), on_epoch=after_epoch, desc=f"student {student_name}")
     finally:
-        metrics.close()
-    checkpoints.finish(Batches(data.test, EVAL_BATCH_SIZE, device))
+        if metrics:
+            metrics.close()
+    if world.is_main:
+        checkpoints.finish(Batches(data.test, EVAL_BATCH_SIZE, device))
 
 
-def _teacher_source(settings: TrainSettings, task: TaskConfig, data: TaskData, ensemble, precision: Precision):
+def fixed_teacher_weights(weights, task: TaskConfig) -> list[float]:
+    """The 'fixed' scheme's weights: given ones (one per teacher, not all zero) or the config's."""
+    if weights is None:
+        return [t.weight for t in task.teachers]
+    if len(weights) != len(task.teachers) or min(weights) < 0 or sum(weights) <= 0:
+        raise UserError(f"--teacher_weights needs {len(task.teachers)} non-negative values, not all zero "
+                        f"(teachers: {', '.join(t.name for t in task.teachers)}); got {list(weights)}")
+    return list(weights)
+
+
+def _wrap_for_training(student: nn.Module, settings: TrainSettings, device: torch.device, world: World) -> nn.Module:
+    """channels_last, DistributedDataParallel and torch.compile, as asked; the checkpoints keep `student`."""
+    if settings.channels_last:
+        student.to(memory_format=torch.channels_last)
+    model = student if world.size == 1 else DistributedDataParallel(
+        student, device_ids=[device.index] if device.type == "cuda" else None)
+    return torch.compile(model) if settings.compile else model
+
+
+def _teacher_source(settings: TrainSettings, task: TaskConfig, data: TaskData, ensemble, precision: Precision,
+                    world: World):
     """(training batches, teacher logits per batch): replayed from the cache, run online, or None."""
     def batches(views):
         return Batches(data.train, settings.batch_size, precision.device, shuffle=True, augment=task.augment,
-                       seed=settings.seed, views=views, pool_seed=task.data.split_seed)
+                       seed=settings.seed, views=views, pool_seed=task.data.split_seed, rank=world.rank,
+                       world_size=world.size)
 
     if ensemble is None:
         return batches(None), None
@@ -249,7 +301,8 @@ def _student_metadata(task: TaskConfig, student_name: str, settings: TrainSettin
             "channels": task.data.channels, "temperature": settings.temperature, "alpha": settings.alpha}
 
 
-def _resolved_config(settings, task, student_name, precision, data_source) -> dict:
+def _resolved_config(settings, task, student_name, precision, data_source, world: World) -> dict:
     return {"settings": {**dataclasses.asdict(settings), "student_model": student_name},
             "task": task.to_dict(), "data_source": data_source, "device": str(precision.device),
+            "processes": world.size, "global_batch_size": settings.batch_size * world.size,
             "precision": precision.name, "torch": torch.__version__, "python": platform.python_version()}

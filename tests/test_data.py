@@ -121,3 +121,15 @@ def test_view_pool_without_augmentation_is_the_image_itself():
     assert batches.num_views == 1
     batch = next(iter(batches))
     assert torch.equal(batch.x * 255, split.images.float())
+
+
+def test_shards_of_a_global_batch_make_up_the_single_process_batch():
+    split = Split(torch.zeros(11, 1, 2, 2, dtype=torch.uint8), torch.arange(11))
+    single = [b.index.tolist() for b in Batches(split, 6, "cpu", shuffle=True, seed=4)]
+    ranks = [[b.index.tolist() for b in Batches(split, 3, "cpu", shuffle=True, seed=4, rank=r, world_size=2)]
+             for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == len(single) == 2
+    for step, batch in enumerate(single):
+        together = ranks[0][step] + ranks[1][step]
+        assert len(ranks[0][step]) == len(ranks[1][step])
+        assert together == batch or (step == 1 and together == batch + single[0][:1])  # padded by wrapping

@@ -1,0 +1,89 @@
+"""Data-parallel training under torchrun with PyTorch's own DistributedDataParallel.
+
+`torchrun --nproc_per_node N train.py ...` sets WORLD_SIZE, RANK and LOCAL_RANK; a plain
+`python train.py` runs as a world of one, and every helper here is then a no-op.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+# Rank 0 may train missing teachers while the others wait at a barrier: allow hours, not minutes.
+BARRIER_TIMEOUT = timedelta(hours=12)
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_world(device: torch.device) -> World:
+    """Join the process group torchrun set up (NCCL on CUDA, gloo on CPU); a world of one otherwise."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size == 1:
+        return World()
+    if dist.is_initialized():
+        return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=BARRIER_TIMEOUT)
+    return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def process_device(device: torch.device, world: World) -> torch.device:
+    """Each process of a multi-GPU run gets its own GPU."""
+    if device.type == "cuda" and world.size > 1:
+        torch.cuda.set_device(world.local_rank)
+        return torch.device("cuda", world.local_rank)
+    return device
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum of `tensor` over all processes (in place)."""
+    if active():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def broadcast(value):
+    """Rank 0's `value`, on every process."""
+    if not active():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+@contextmanager
+def main_process_first(world: World):
+    """Rank 0 runs the block first (training teachers, building caches), then the others reuse its files."""
+    if not world.is_main:
+        barrier()
+    yield
+    if world.is_main:
+        barrier()
+
+
+def shutdown() -> None:
+    if active():
+        dist.destroy_process_group()
