@@ -55,11 +55,11 @@ class TrainSettings:
     teacher_epochs: int | None = None
     teacher_weighting: str = "uniform"
     teacher_cache: str = "auto"  # auto | on | off
-    teacher_cache_views: int = 8
+    teacher_cache_views: int = 4
     cache_dir: str = "cache"
     resume: str | None = None  # "auto", a run folder, or its checkpoint_last.pt
     teacher_weights: tuple[float, ...] | None = None  # for teacher_weighting="fixed"; default: the config's
-    channels_last: bool = False
+    channels_last: bool = True
     compile: bool = False
 
 
@@ -150,6 +150,8 @@ def _train_in(run_dir: Path, settings: TrainSettings, task: TaskConfig, student_
     if settings.alpha > 0:
         with main_process_first(world):  # rank 0 trains missing teachers; the others load them
             ensemble, _ = prepare_teachers(task, data, precision, settings.teacher_epochs)
+        if settings.channels_last:
+            ensemble.to(memory_format=torch.channels_last)
     else:
         log.info("alpha = 0: hard labels only, the teachers are not used")
     with main_process_first(world):
