@@ -92,7 +92,11 @@ def train_student(settings: TrainSettings) -> Path:
 
 def _train_guarded(run_dir: Path, settings, task, student_name, precision, data, world: World) -> None:
     try:
-        _train_in(run_dir, settings, task, student_name, precision, data, world)
+        try:
+            _train_in(run_dir, settings, task, student_name, precision, data, world)
+        except torch.OutOfMemoryError:
+            raise UserError(f"{precision.device} ran out of memory at --batch_size {settings.batch_size}; "
+                            "try a smaller --batch_size (the last finished epoch, if any, is kept)") from None
     except BaseException as err:
         if not world.is_main:
             raise

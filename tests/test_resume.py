@@ -53,3 +53,19 @@ def test_killed_run_resumes_bit_for_bit(tmp_path):
     resumed = run(train_command(config, tmp_path / "killed", tmp_path / "cache", "--resume", "auto"))
     assert resumed == killed_dir
     assert_same_run(reference, resumed)
+
+
+@pytest.mark.slow
+def test_ctrl_c_keeps_the_last_epoch_and_says_how_to_resume(tmp_path):
+    config = write_task(tmp_path)
+    process = subprocess.Popen(train_command(config, tmp_path / "runs", tmp_path / "cache"), cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not list((tmp_path / "runs").glob("*/checkpoint_last.pt")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    run_dir = next((tmp_path / "runs").iterdir())
+    assert process.returncode == 130 and "Traceback" not in err
+    assert f"python train.py --resume {run_dir}" in err
+    assert load_torch_checkpoint(run_dir / "checkpoint_last.pt")["epoch"] >= 1

@@ -137,3 +137,17 @@ def test_a_non_finite_loss_stops_with_advice_and_keeps_earlier_epochs():
             optimizer=optimizer, scheduler=torch.optim.lr_scheduler.StepLR(optimizer, 10), criterion=KDLoss(2.0, 0.0),
             epochs=3, precision=Precision(torch.device("cpu"), None), on_epoch=poison)
     assert [r["epoch"] for r in rows] == [1]
+
+
+def test_out_of_memory_suggests_a_smaller_batch(tmp_path, monkeypatch):
+    import kd.training
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(kd.training, "fit", out_of_memory)
+    settings = TrainSettings(task=str(write_task(tmp_path)), alpha=0.0, batch_size=512, device="cpu",
+                             output_dir=str(tmp_path / "runs"))
+    with pytest.raises(UserError, match="ran out of memory at --batch_size 512; try a smaller --batch_size"):
+        train_student(settings)
+    assert not any((tmp_path / "runs").iterdir())  # nothing half-written is left
