@@ -25,6 +25,7 @@ class Recipe:
     weight_decay: float = 0.0005
     batch_size: int = 128
     seed: int = 0
+    label_smoothing: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class TeacherSpec:
     # Where training starts when the checkpoint is missing: False = random weights, True = timm's
     # published weights (downloaded), a path = a local copy of such weights.
     pretrained: bool | str = False
+    stride_reduction: int = 1  # first downsampling layers halved for small inputs (kd.models.create_model)
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,8 @@ class TaskConfig:
     std: tuple[float, ...]
     augment: AugmentSpec
     teachers: tuple[TeacherSpec, ...]
+    # First downsampling layers halved per student (kd.models.create_model); unnamed students: 1.
+    student_stride_reduction: dict[str, int] = field(default_factory=dict)
     root: Path = CONFIG_DIR.parent  # relative checkpoint paths resolve against this
 
     @property
@@ -133,6 +137,12 @@ def _optional_floats(values) -> tuple[float, ...] | None:
     return None if values is None else _floats(values)
 
 
+def _stride_reductions(value) -> dict[str, int]:
+    if not isinstance(value, dict) or not all(isinstance(v, int) and 0 <= v <= 3 for v in value.values()):
+        raise TypeError(f"student_stride_reduction must map student names to 0-3, got {value!r}")
+    return {str(name): v for name, v in value.items()}
+
+
 def _pretrained(value) -> bool | str:
     if not isinstance(value, (bool, str)) or value == "":
         raise TypeError(f"pretrained must be true, false or the path of a weights file, got {value!r}")
@@ -164,6 +174,7 @@ def parse_task_config(raw: dict, where: str, root: Path = CONFIG_DIR.parent) -> 
         classes=lambda names: tuple(str(n) for n in names),  # folder names and metadata are strings
         mean=_floats,
         std=_floats,
+        student_stride_reduction=_stride_reductions,
     )
     specs = tuple(
         _build(TeacherSpec, t, f"{where}: teachers[{i}]",
@@ -200,6 +211,12 @@ def _folder_classes(task: TaskConfig, where: str) -> tuple[str, ...]:
 
 
 def _check(task: TaskConfig, where: str) -> None:
+    from kd.students import STUDENT_ARCHS  # here: kd.students builds on this module
+
+    unknown = sorted(set(task.student_stride_reduction) - set(STUDENT_ARCHS))
+    if unknown:
+        raise UserError(f"{where}: student_stride_reduction names unknown student(s) {', '.join(unknown)}; "
+                        f"students: {', '.join(STUDENT_ARCHS)}")
     if len(task.classes) < 2:
         raise UserError(f"{where}: at least two classes are needed, got {list(task.classes)}")
     if len(set(task.classes)) != len(task.classes):

@@ -296,13 +296,16 @@ class Batches:
     batches are reproducible and independent of what ran before. With `views=V`, augmentation
     comes from a fixed pool of V views per image, drawn once from `pool_seed`; each epoch picks
     one of them per image. A pooled view can be replayed exactly, so its teacher logits can be
-    computed once and cached (kd.cache).
+    computed once and cached (kd.cache). With `drop_last` (training) an incomplete last batch is
+    left out, as timm's loader does: BatchNorm cannot train on a batch of one image at a 1x1 map, and
+    with shuffling every image is still seen over the epochs.
     """
 
     def __init__(self, split: Split, batch_size: int, device, *, shuffle: bool = False,
                  augment: AugmentSpec | None = None, seed: int = 0, views: int | None = None,
-                 pool_seed: int = 0, rank: int = 0, world_size: int = 1):
+                 pool_seed: int = 0, rank: int = 0, world_size: int = 1, drop_last: bool = False):
         self.split = split.to(device)
+        self.drop_last = drop_last
         self.batch_size = batch_size
         self.rank, self.world_size = rank, world_size
         self.device = torch.device(device)
@@ -329,7 +332,14 @@ class Batches:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return -(-len(self.split) // (self.batch_size * self.world_size))
+        return len(self._batch_starts(len(self.split) + (-len(self.split)) % self.world_size))
+
+    def _batch_starts(self, n: int) -> range:
+        """Where each global batch starts in an order of n images; a split smaller than one global
+        batch is a single (short) batch even with drop_last."""
+        step = self.batch_size * self.world_size
+        stop = n - n % step if self.drop_last and n >= step else n
+        return range(0, stop, step)
 
     def __iter__(self) -> Iterator[Batch]:
         n = len(self.split)
@@ -352,7 +362,7 @@ class Batches:
         if self.world_size > 1:
             order = torch.cat([order, order[:(-len(order)) % self.world_size]])
         step = self.batch_size * self.world_size
-        for start in range(0, len(order), step):
+        for start in self._batch_starts(len(order)):
             global_batch = order[start:start + step]
             share = len(global_batch) // self.world_size
             yield global_batch[self.rank * share:(self.rank + 1) * share]

@@ -312,7 +312,7 @@ def main_for_task(task: str | None = None, argv: list[str] | None = None) -> Non
     config = args.pop("config") or task
 
     def main():
-        setup_logging(None)
+        setup_logging()
         print(format_task_result(evaluate_task(config, **args)))
 
     run_cli(main)

@@ -5,7 +5,8 @@ Contract (alpha is the weight of the teacher term):
     p_T  = sum_k w_k * softmax(z_k / T)      w_k >= 0, sum_k w_k = 1 (per sample for adaptive schemes)
     loss = (1 - alpha) * CE(z_s, y) + alpha * T^2 * KL(p_T || softmax(z_s / T))     (batch mean)
 
-alpha = 0 trains on hard labels only, alpha = 1 on the teachers' soft targets only. T^2 keeps
+alpha = 0 trains on hard labels only, alpha = 1 on the teachers' soft targets only. With label
+smoothing eps (the teachers' recipes use it), CE is taken against (1 - eps) * onehot(y) + eps / C. T^2 keeps
 the soft term's gradient magnitude independent of T (Hinton et al., 2015).
 
 Teacher weighting schemes (w has shape (K,) or (K, B)):
@@ -74,8 +75,9 @@ class LossParts(NamedTuple):
     kd: torch.Tensor
 
 
-def kd_loss_parts(student_logits, teacher_logits, targets, *, temperature, alpha, weights=None) -> LossParts:
-    ce = F.cross_entropy(student_logits.float(), targets)
+def kd_loss_parts(student_logits, teacher_logits, targets, *, temperature, alpha, weights=None,
+                  label_smoothing: float = 0.0) -> LossParts:
+    ce = F.cross_entropy(student_logits.float(), targets, label_smoothing=label_smoothing)
     if teacher_logits is None or alpha == 0:
         kd = torch.zeros((), device=student_logits.device)
     else:
@@ -111,7 +113,7 @@ class KDLoss(nn.Module):
     mean weight per teacher (for logging)."""
 
     def __init__(self, temperature: float, alpha: float, weighting: str = "uniform",
-                 fixed_weights=None):
+                 fixed_weights=None, label_smoothing: float = 0.0):
         super().__init__()
         if weighting not in WEIGHTING_SCHEMES:
             raise ValueError(f"unknown teacher weighting {weighting!r}")
@@ -119,6 +121,7 @@ class KDLoss(nn.Module):
         self.alpha = alpha
         self.weighting = weighting
         self.fixed_weights = fixed_weights
+        self.label_smoothing = label_smoothing
 
     @property
     def uses_teachers(self) -> bool:
@@ -130,5 +133,5 @@ class KDLoss(nn.Module):
             weights = compute_teacher_weights(self.weighting, teacher_logits, targets,
                                               self.temperature, self.fixed_weights)
         parts = kd_loss_parts(student_logits, teacher_logits, targets, temperature=self.temperature,
-                              alpha=self.alpha, weights=weights)
+                              alpha=self.alpha, weights=weights, label_smoothing=self.label_smoothing)
         return parts, None if weights is None else weights.mean(dim=1).detach()

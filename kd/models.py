@@ -32,16 +32,35 @@ class Normalized(nn.Module):
 
 
 def create_model(arch: str, num_classes: int, in_chans: int, mean: Sequence[float], std: Sequence[float], *,
-                 pretrained: bool | Path = False, small_input: bool = True) -> Normalized:
+                 pretrained: bool | Path = False, stride_reduction: int = 1) -> Normalized:
     """Build a timm architecture inside a Normalized wrapper.
 
     Its weights are random, timm's published ones (`pretrained=True`, downloaded) or those of a local
-    weights file (`pretrained=path`); the classifier is new whenever num_classes differs from theirs.
-    With `small_input` (every model this project trains) the first downsampling is halved; without
-    it the architecture is exactly timm's, for weights trained elsewhere.
+    weights file (`pretrained=path`); the classifier is new whenever num_classes differs from theirs,
+    and a new classifier starts at zero (see `zero_classifier`). `stride_reduction` halves that many
+    of the first downsampling layers (each halving doubles every later feature map); 0 keeps timm's
+    architecture exactly, for weights trained elsewhere.
     """
     backbone = create_backbone(arch, num_classes, in_chans, pretrained)
-    return Normalized(halve_first_downsampling(backbone) if small_input else backbone, mean, std)
+    if not pretrained or getattr(backbone, "pretrained_cfg", {}).get("num_classes") != num_classes:
+        zero_classifier(backbone)
+    for _ in range(stride_reduction):
+        halve_first_downsampling(backbone)
+    return Normalized(backbone, mean, std)
+
+
+def zero_classifier(model: nn.Module) -> None:
+    """Zero the final linear layer, so a new model predicts the uniform distribution (cross-entropy ln C).
+
+    timm draws EfficientNet's and MobileNetV3's classifiers from uniform(+-1/sqrt(num_classes)), a range
+    meant for 1,000 classes: with 10 classes the first predictions are confidently wrong (cross-entropy
+    up to 5.7 instead of ln 10 = 2.3) and the first epochs are spent shrinking the head. A zero classifier
+    still learns at once: its gradient is the features times the error.
+    """
+    head = model.get_classifier()
+    if isinstance(head, nn.Linear):
+        nn.init.zeros_(head.weight)
+        nn.init.zeros_(head.bias)
 
 
 def create_backbone(arch: str, num_classes: int, in_chans: int, pretrained: bool | Path = False) -> nn.Module:
@@ -74,9 +93,11 @@ def halve_first_downsampling(model: nn.Module) -> nn.Module:
     """Halve the stride of the first downsampling layer (conv or max-pool), in place.
 
     ImageNet models shrink the input 32x; a 28x28 image would reach 1x1 after three stages.
-    Halving the first stride keeps a 2x2 final map on 28x28 inputs at a small extra cost,
-    since only the stem runs at the higher resolution. Patchify stems (kernel == stride,
-    as in ConvNeXt) are rebuilt with half the kernel so they still tile the image.
+    Halving the first stride keeps a 2x2 final map on 28x28 inputs; every layer after it then
+    runs on a map twice as wide and high, so the model costs up to 4x the compute (README,
+    "Fitting the models to small images"). Calling it again halves the next downsampling layer.
+    Patchify stems (kernel == stride, as in ConvNeXt) are rebuilt with half the kernel so they
+    still tile the image.
     """
     for name, module in model.named_modules():
         downsamples = isinstance(module, (nn.Conv2d, nn.MaxPool2d)) and _stride(module) > 1

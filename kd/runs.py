@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -52,9 +53,9 @@ class TqdmHandler(logging.Handler):
         tqdm.write(self.format(record), file=sys.stderr)
 
 
-def setup_logging(log_file: Path | None = None, quiet: bool = False) -> None:
-    """Log INFO (WARNING when quiet: the other processes of a distributed run) to stderr and,
-    when given, to a file in the run folder."""
+def setup_logging(quiet: bool = False) -> None:
+    """Log INFO (WARNING when quiet: the other processes of a distributed run) to stderr only;
+    run folders add their train.log with `log_to_file`."""
     logger = logging.getLogger("kd")
     logger.setLevel(logging.WARNING if quiet else logging.INFO)
     for handler in list(logger.handlers):
@@ -63,11 +64,25 @@ def setup_logging(log_file: Path | None = None, quiet: bool = False) -> None:
     console = TqdmHandler()
     console.setFormatter(logging.Formatter("%(message)s"))
     logger.addHandler(console)
-    if log_file is not None:
-        file_handler = logging.FileHandler(log_file)
-        file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        logger.addHandler(file_handler)
     logger.propagate = False
+
+
+@contextmanager
+def log_to_file(log_file: Path | None):
+    """Also write the log to `log_file` (a run folder's train.log) inside the block; closed after it,
+    so a teacher's run nested in a student's command keeps its own log and the folder can be removed."""
+    if log_file is None:
+        yield
+        return
+    logger = logging.getLogger("kd")
+    handler = logging.FileHandler(log_file)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
 
 
 def write_yaml(data: dict, path: Path) -> None:

@@ -23,5 +23,7 @@ def canonical_student_name(name: str) -> str:
 
 
 def build_student(name: str, task: TaskConfig) -> Normalized:
-    arch = STUDENT_ARCHS[canonical_student_name(name)]
-    return create_model(arch, task.num_classes, task.data.channels, task.mean, task.std)
+    """A new student for the task, fitted to its input as the task config says (measured per task: README)."""
+    name = canonical_student_name(name)
+    return create_model(STUDENT_ARCHS[name], task.num_classes, task.data.channels, task.mean, task.std,
+                        stride_reduction=task.student_stride_reduction.get(name, 1))

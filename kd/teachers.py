@@ -1,23 +1,16 @@
-"""Teachers: loading (training them first when a checkpoint is missing) and the frozen ensemble."""
+"""Teachers: building, loading and the frozen ensemble (missing teachers are trained by kd.training)."""
 
 from __future__ import annotations
 
-import dataclasses
-import logging
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from kd.checkpoint import check_classes, load_state_into, load_weights, save_weights
+from kd.checkpoint import check_classes, load_state_into, load_weights
 from kd.config import TaskConfig, TeacherSpec
-from kd.data import Batches, TaskData
-from kd.engine import Precision, evaluate, fit, seed_everything
 from kd.errors import UserError
-from kd.losses import KDLoss
-from kd.models import Normalized, count_parameters, create_model
-
-log = logging.getLogger("kd")
+from kd.models import Normalized, create_model
 
 
 class TeacherEnsemble(nn.Module):
@@ -27,10 +20,11 @@ class TeacherEnsemble(nn.Module):
     and run under no_grad, so they can sit inside a training model without being trained.
     """
 
-    def __init__(self, teachers: dict[str, nn.Module]):
+    def __init__(self, teachers: dict[str, nn.Module], metadata: dict[str, dict] | None = None):
         super().__init__()
         self.names = list(teachers)
         self.models = nn.ModuleList(freeze(m) for m in teachers.values())
+        self.metadata = metadata or {name: {} for name in teachers}  # each checkpoint's: arch, val/test acc...
 
     def train(self, mode: bool = True) -> "TeacherEnsemble":
         self.training = mode
@@ -49,9 +43,11 @@ def freeze(model: nn.Module) -> nn.Module:
 
 
 def build_teacher(spec: TeacherSpec, task: TaskConfig, *, pretrained: bool | Path = False,
-                  small_input: bool = True) -> Normalized:
+                  plain_timm: bool = False) -> Normalized:
+    """The teacher's architecture fitted to the task's input (timm's own with `plain_timm`)."""
     return create_model(spec.arch, task.num_classes, task.data.channels, spec.mean or task.mean,
-                        spec.std or task.std, pretrained=pretrained, small_input=small_input)
+                        spec.std or task.std, pretrained=pretrained,
+                        stride_reduction=0 if plain_timm else spec.stride_reduction)
 
 
 def load_teacher(spec: TeacherSpec, task: TaskConfig) -> tuple[Normalized, dict]:
@@ -69,7 +65,7 @@ def load_teacher(spec: TeacherSpec, task: TaskConfig) -> tuple[Normalized, dict]
     if meta.get("arch", spec.arch) != spec.arch:
         raise UserError(f"{source} is a {meta['arch']}, the config says {spec.arch}")
     plain = is_plain_timm_state(state)
-    model = build_teacher(spec, task, small_input=not plain)
+    model = build_teacher(spec, task, plain_timm=plain)
     if plain:
         state = {**{f"backbone.{key}": value for key, value in state.items()}, "mean": model.mean, "std": model.std}
     load_state_into(model, state, source)
@@ -81,62 +77,10 @@ def is_plain_timm_state(state: dict) -> bool:
     return "mean" not in state and not any(key.startswith("backbone.") for key in state)
 
 
-def train_teacher(spec: TeacherSpec, task: TaskConfig, data: TaskData, precision: Precision) -> dict:
-    """Train one teacher with its recipe through the common engine, save it, return its metadata."""
-    recipe = spec.recipe
-    seed_everything(recipe.seed)
-    model = build_teacher(spec, task, pretrained=task.pretrained_weights(spec)).to(precision.device)
-    device = precision.device
-    train = Batches(data.train, recipe.batch_size, device, shuffle=True, augment=task.augment, seed=recipe.seed)
-    val = Batches(data.val, 512, device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=recipe.epochs)
-    best = {"val_acc": -1.0}
-
-    def keep_best(row):
-        if row["val_acc"] > best["val_acc"]:
-            best.update(val_acc=row["val_acc"], epoch=row["epoch"],
-                        state={k: v.detach().clone() for k, v in model.state_dict().items()})
-
-    fit(model, train, val, optimizer=optimizer, scheduler=scheduler, criterion=KDLoss(1.0, 0.0),
-        epochs=recipe.epochs, precision=precision, on_epoch=keep_best, desc=f"teacher {spec.name}")
-    model.load_state_dict(best["state"])
-    test_acc = evaluate(model, Batches(data.test, 512, device), precision)["acc"]
-    meta = {"arch": spec.arch, "classes": list(task.classes), "task": task.name,
-            "val_acc": best["val_acc"], "test_acc": test_acc, "best_epoch": best["epoch"],
-            "recipe": dataclasses.asdict(recipe), "params": count_parameters(model),
-            "pretrained": str(task.pretrained_weights(spec))}
-    save_weights(model, task.teacher_checkpoint(spec), meta)
-    return meta
-
-
-def prepare_teachers(task: TaskConfig, data: TaskData, precision: Precision,
-                     teacher_epochs: int | None = None) -> tuple[TeacherEnsemble, dict[str, dict]]:
-    """Load every teacher of the task, training (and saving) the missing ones first."""
+def load_teachers(task: TaskConfig) -> TeacherEnsemble:
+    """Every teacher of the task, frozen, with its checkpoint's metadata; a missing checkpoint is a
+    UserError (kd.training.ensure_teachers trains missing teachers first)."""
     models, metas = {}, {}
     for spec in task.teachers:
-        path = task.teacher_checkpoint(spec)
-        if not path.exists():
-            if teacher_epochs:
-                spec = dataclasses.replace(spec, recipe=dataclasses.replace(spec.recipe, epochs=teacher_epochs))
-            log.warning("TEACHER CHECKPOINT MISSING: %s. Training teacher %s (%s) for %d epoch(s) with its "
-                        "recipe, starting from %s; it will be saved there.", path, spec.name, spec.arch,
-                        spec.recipe.epochs, _start_weights(task.pretrained_weights(spec)))
-            meta = train_teacher(spec, task, data, precision)
-            log.warning("Trained teacher %s: val acc %.4f, test acc %.4f, saved to %s",
-                        spec.name, meta["val_acc"], meta["test_acc"], path)
-        model, metas[spec.name] = load_teacher(spec, task)
-        models[spec.name] = model
-        log.info("teacher %-16s %-22s %6.2fM params  val acc %s  (%s)", spec.name, spec.arch,
-                 count_parameters(model) / 1e6, _fmt(metas[spec.name].get("val_acc")), path)
-    return TeacherEnsemble(models).to(precision.device), metas
-
-
-def _start_weights(pretrained: bool | Path) -> str:
-    if isinstance(pretrained, Path):
-        return f"the pretrained weights in {pretrained}"
-    return "timm's pretrained weights" if pretrained else "random weights"
-
-
-def _fmt(value) -> str:
-    return "?" if value is None else f"{value:.4f}"
+        models[spec.name], metas[spec.name] = load_teacher(spec, task)
+    return TeacherEnsemble(models, metas)

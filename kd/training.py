@@ -6,7 +6,9 @@ import dataclasses
 import logging
 import platform
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -15,8 +17,9 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel
 
 from kd.cache import BUDGET_BYTES, cache_bytes, cache_paths, load_or_build_cache
-from kd.checkpoint import atomic_torch_save, load_state_into, load_torch_checkpoint, save_weights
-from kd.config import TaskConfig, load_task_config
+from kd.checkpoint import (atomic_torch_save, atomic_write, load_state_into, load_torch_checkpoint, load_weights,
+                           save_weights)
+from kd.config import TaskConfig, TeacherSpec, load_task_config
 from kd.data import Batches, TaskData, load_task_data
 from kd.engine import (Precision, evaluate, fit, online_teachers, rng_state, select_device, select_precision,
                        seed_everything, set_rng_state)
@@ -24,51 +27,32 @@ from kd.distributed import World, broadcast, init_world, main_process_first, pro
 from kd.errors import UserError
 from kd.losses import KDLoss
 from kd.models import count_parameters
-from kd.runs import MetricsLog, create_run_dir, run_name, setup_logging, write_yaml
+from kd.settings import TrainSettings
+from kd.runs import MetricsLog, create_run_dir, log_to_file, run_name, setup_logging, write_yaml
 from kd.students import STUDENT_ARCHS, build_student, canonical_student_name
-from kd.teachers import prepare_teachers
+from kd.teachers import TeacherEnsemble, build_teacher, load_teachers
 
 log = logging.getLogger("kd")
 EVAL_BATCH_SIZE = 512
 
 
 @dataclass(frozen=True)
-class TrainSettings:
-    """Every knob of a student training run; train.py's flags map onto these one to one."""
+class Trainee:
+    """What a run trains: a student, or a teacher trained from its recipe by the same machinery."""
 
-    task: str = "B"  # A, B, or the path of a task config file
-    lr: float = 0.001
-    batch_size: int = 32
-    num_epochs: int = 100
-    weight_decay: float = 0.0005
-    temperature: float = 2.0
-    alpha: float = 0.1
-    scheduler_step: int = 30
-    scheduler_gamma: float = 0.5
-    student_model: str = "EfficientNet"
-    seed: int = 42
-    run: str = ""
-    device: str = "auto"
-    amp: bool = True
-    data_dir: str | None = None
-    output_dir: str = "runs"
-    teacher_epochs: int | None = None
-    teacher_weighting: str = "uniform"
-    teacher_cache: str = "auto"  # auto | on | off
-    teacher_cache_views: int = 4
-    cache_dir: str = "cache"
-    resume: str | None = None  # "auto", a run folder, or its checkpoint_last.pt
-    teacher_weights: tuple[float, ...] | None = None  # for teacher_weighting="fixed"; default: the config's
-    channels_last: bool = True
-    compile: bool = False
+    role: str  # "student" or "teacher": names the run's weights file, <role>.safetensors
+    label: str  # for the log and the progress bar, e.g. "student MobileNetV3"
+    build: Callable[[], nn.Module]  # a fresh model with random (or pretrained) weights
+    metadata: dict  # saved with the weights; val/test accuracy and epoch are added
 
 
 def train_student(settings: TrainSettings) -> Path:
     """Distil the task's teachers into a student; returns the run folder.
 
-    A run that fails before its first checkpoint leaves no folder behind. With `resume`, the run
-    continues in its own folder with the settings it was started with. Under torchrun every
-    process trains its shard of each batch; rank 0 alone logs and writes.
+    Missing teachers are trained first, each in its own run (see `ensure_teachers`). A run that
+    fails before its first checkpoint leaves no folder behind. With `resume`, the run continues in
+    its own folder with the settings it was started with. Under torchrun every process trains its
+    shard of each batch; rank 0 alone logs and writes.
     """
     resume_dir = find_resume_dir(settings) if settings.resume else None
     if resume_dir is not None:
@@ -78,35 +62,110 @@ def train_student(settings: TrainSettings) -> Path:
     device = select_device(settings.device)
     world = init_world(device)
     try:
+        setup_logging(quiet=not world.is_main)
         precision = select_precision(process_device(device, world), settings.amp)
         data = load_task_data(task, settings.data_dir)
+        ensemble = ensure_teachers(task, data, precision, world, settings.teacher_epochs) if settings.alpha > 0 \
+            else None
         run_dir = resume_dir or (create_run_dir(settings.output_dir, run_name(
             task.name, student_name, settings.temperature, settings.alpha, settings.run)) if world.is_main else None)
-        run_dir = broadcast(run_dir)
-        setup_logging(run_dir / "train.log" if world.is_main else None, quiet=not world.is_main)
-        _train_guarded(run_dir, settings, task, student_name, precision, data, world)
+        trainee = Trainee("student", f"student {student_name}", partial(build_student, student_name, task),
+                          _student_metadata(task, student_name, settings))
+        run_training(broadcast(run_dir), settings, task, trainee, precision, data, world, ensemble)
+        return run_dir
     finally:
         shutdown()
-    return run_dir
 
 
-def _train_guarded(run_dir: Path, settings, task, student_name, precision, data, world: World) -> None:
+def ensure_teachers(task: TaskConfig, data: TaskData, precision: Precision, world: World,
+                    teacher_epochs: int | None = None) -> TeacherEnsemble:
+    """Load the task's teachers, first training each missing one with its recipe through `run_training`.
+
+    A teacher's run folder sits beside its checkpoint (see `teacher_run_dir`); a teacher run that was
+    interrupted continues from its last finished epoch the next time its checkpoint is needed.
+    """
+    for spec in task.teachers:
+        if not task.teacher_checkpoint(spec).exists():
+            train_teacher(spec, task, data, precision, world, teacher_epochs)
+    return load_teachers(task).to(precision.device)
+
+
+def log_teachers(ensemble: TeacherEnsemble, task: TaskConfig) -> None:
+    for spec, model in zip(task.teachers, ensemble.models):
+        meta = ensemble.metadata[spec.name]
+        log.info("teacher %-16s %-22s %6.2fM params  val acc %s  test acc %s  (%s)", spec.name, spec.arch,
+                 count_parameters(model) / 1e6, _fmt(meta.get("val_acc")), _fmt(meta.get("test_acc")),
+                 task.teacher_checkpoint(spec))
+
+
+def teacher_run_dir(task: TaskConfig, spec: TeacherSpec) -> Path:
+    checkpoint = task.teacher_checkpoint(spec)
+    return checkpoint.parent / f"{checkpoint.stem}_run"
+
+
+def train_teacher(spec: TeacherSpec, task: TaskConfig, data: TaskData, precision: Precision, world: World,
+                  teacher_epochs: int | None = None) -> None:
+    """Train one missing teacher with its recipe (alpha 0, AdamW, cosine schedule) and save it to its
+    checkpoint path; an interrupted teacher run is resumed."""
+    path, run_dir = task.teacher_checkpoint(spec), teacher_run_dir(task, spec)
+    settings = teacher_settings(spec, task, teacher_epochs)
+    if (run_dir / "checkpoint_last.pt").is_file():
+        settings = dataclasses.replace(read_run_settings(run_dir), resume=str(run_dir))
+        log.warning("TEACHER CHECKPOINT MISSING: %s. Continuing the interrupted training of teacher %s (%s) "
+                    "in %s.", path, spec.name, spec.arch, run_dir)
+    else:
+        log.warning("TEACHER CHECKPOINT MISSING: %s. Training teacher %s (%s) for %d epoch(s) with its recipe, "
+                    "starting from %s; its run folder is %s.", path, spec.name, spec.arch, settings.num_epochs,
+                    _start_weights(task.pretrained_weights(spec)), run_dir)
+        if world.is_main:
+            shutil.rmtree(run_dir, ignore_errors=True)  # a start that never finished an epoch
+            run_dir.mkdir(parents=True)
+    trainee = Trainee("teacher", f"teacher {spec.name}",
+                      partial(build_teacher, spec, task, pretrained=task.pretrained_weights(spec)),
+                      {"arch": spec.arch, "classes": list(task.classes), "task": task.name, "teacher": spec.name,
+                       "recipe": dataclasses.asdict(spec.recipe), "pretrained": str(task.pretrained_weights(spec))})
+    run_training(run_dir, settings, task, trainee, precision, data, world)
+    with main_process_first(world):
+        if world.is_main:
+            atomic_write(path, lambda tmp: shutil.copyfile(run_dir / "teacher.safetensors", tmp))
+    meta = load_weights(path)[1]
+    log.warning("Trained teacher %s: val acc %.4f, test acc %.4f, saved to %s", spec.name, meta["val_acc"],
+                meta["test_acc"], path)
+
+
+def teacher_settings(spec: TeacherSpec, task: TaskConfig, teacher_epochs: int | None) -> TrainSettings:
+    recipe = spec.recipe
+    return TrainSettings(task=task.name, lr=recipe.lr, batch_size=recipe.batch_size,
+                         num_epochs=teacher_epochs or recipe.epochs, weight_decay=recipe.weight_decay, alpha=0.0,
+                         seed=recipe.seed, student_model="", optimizer="adamw", lr_schedule="cosine", label_smoothing=recipe.label_smoothing)
+
+
+def run_training(run_dir: Path, settings: TrainSettings, task: TaskConfig, trainee: Trainee, precision: Precision,
+                 data: TaskData, world: World, ensemble: TeacherEnsemble | None = None) -> None:
+    """Train `trainee` in `run_dir`: the one run function for students and teachers. A run that fails
+    before its first checkpoint leaves no folder; an interrupted one says how to continue."""
     try:
-        try:
-            _train_in(run_dir, settings, task, student_name, precision, data, world)
-        except torch.OutOfMemoryError:
-            raise UserError(f"{precision.device} ran out of memory at --batch_size {settings.batch_size}; "
-                            "try a smaller --batch_size (the last finished epoch, if any, is kept)") from None
+        with log_to_file(run_dir / "train.log" if world.is_main else None):
+            try:
+                _train_in(run_dir, settings, task, trainee, precision, data, world, ensemble)
+            except torch.OutOfMemoryError:
+                raise UserError(f"{precision.device} ran out of memory at --batch_size {settings.batch_size}; "
+                                "try a smaller --batch_size (the last finished epoch, if any, is kept)") from None
     except BaseException as err:
-        if not world.is_main:
-            raise
-        if not (run_dir / "checkpoint_last.pt").exists():
-            setup_logging(None)  # closes the log file before its folder goes
-            shutil.rmtree(run_dir, ignore_errors=True)
-        elif isinstance(err, KeyboardInterrupt):
-            log.warning("interrupted; the last finished epoch is saved. Continue with: "
-                        "python train.py --resume %s", run_dir)
+        if world.is_main:
+            _after_failure(run_dir, trainee, err)
         raise
+
+
+def _after_failure(run_dir: Path, trainee: Trainee, err: BaseException) -> None:
+    if not (run_dir / "checkpoint_last.pt").exists():
+        shutil.rmtree(run_dir, ignore_errors=True)
+    elif isinstance(err, KeyboardInterrupt) and trainee.role == "teacher":
+        log.warning("interrupted; the teacher's last finished epoch is saved in %s. Run the same command again "
+                    "to continue its training.", run_dir)
+    elif isinstance(err, KeyboardInterrupt):
+        log.warning("interrupted; the last finished epoch is saved. Continue with: "
+                    "python train.py --resume %s", run_dir)
 
 
 def find_resume_dir(settings: TrainSettings) -> Path:
@@ -140,40 +199,35 @@ def read_run_settings(run_dir: Path) -> TrainSettings:
         raise UserError(f"cannot resume {run_dir}: its config.yaml is unreadable ({err})") from None
 
 
-def _train_in(run_dir: Path, settings: TrainSettings, task: TaskConfig, student_name: str,
-              precision: Precision, data: TaskData, world: World) -> None:
+def _train_in(run_dir: Path, settings: TrainSettings, task: TaskConfig, trainee: Trainee, precision: Precision,
+              data: TaskData, world: World, ensemble: TeacherEnsemble | None) -> None:
     device = precision.device
     log.info("task %s: %s | train %d, val %d, test %d images (%s)", task.name, task.description,
              len(data.train), len(data.val), len(data.test), data.source)
     log.info("device %s, precision %s, %d process(es)", device, precision.name, world.size)
     if not settings.resume and world.is_main:
-        write_yaml(_resolved_config(settings, task, student_name, precision, data.source, world),
-                   run_dir / "config.yaml")
-
-    ensemble = None
-    if settings.alpha > 0:
-        with main_process_first(world):  # rank 0 trains missing teachers; the others load them
-            ensemble, _ = prepare_teachers(task, data, precision, settings.teacher_epochs)
-        if settings.channels_last:
-            ensemble.to(memory_format=torch.channels_last)
-    else:
+        write_yaml(_resolved_config(settings, task, trainee, precision, data.source, world), run_dir / "config.yaml")
+    if ensemble is not None:
+        log_teachers(ensemble, task)
+    if ensemble is not None and settings.channels_last:
+        ensemble.to(memory_format=torch.channels_last)
+    if ensemble is None and trainee.role == "student":
         log.info("alpha = 0: hard labels only, the teachers are not used")
     with main_process_first(world):
         train_batches, teachers = _teacher_source(settings, task, data, ensemble, precision, world)
 
     seed_everything(settings.seed)
-    student = build_student(student_name, task).to(device)
-    log.info("student %s (%s): %.2fM parameters", student_name, STUDENT_ARCHS[student_name],
-             count_parameters(student) / 1e6)
-    trained = _wrap_for_training(student, settings, device, world)
-    optimizer = torch.optim.Adam(student.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, settings.scheduler_step, settings.scheduler_gamma)
+    model = trainee.build().to(device)
+    log.info("%s: %.2fM parameters", trainee.label, count_parameters(model) / 1e6)
+    trained = _wrap_for_training(model, settings, device, world)
+    optimizer = make_optimizer(settings, model.parameters())
+    scheduler = make_scheduler(settings, optimizer)
     val_batches = Batches(data.val, EVAL_BATCH_SIZE, device)
     criterion = KDLoss(settings.temperature, settings.alpha, settings.teacher_weighting,
-                       fixed_weights=fixed_teacher_weights(settings.teacher_weights, task))
+                       fixed_weights=fixed_teacher_weights(settings.teacher_weights, task),
+                       label_smoothing=settings.label_smoothing)
 
-    checkpoints = RunCheckpoints(run_dir, student, optimizer, scheduler, precision,
-                                 _student_metadata(task, student_name, settings))
+    checkpoints = RunCheckpoints(run_dir, model, optimizer, scheduler, precision, trainee)
     metrics = MetricsLog(run_dir) if world.is_main else None
     if settings.resume:
         history = checkpoints.restore()
@@ -189,12 +243,25 @@ def _train_in(run_dir: Path, settings: TrainSettings, task: TaskConfig, student_
     try:
         fit(trained, train_batches, val_batches, optimizer=optimizer, scheduler=scheduler, criterion=criterion,
             epochs=settings.num_epochs, start_epoch=checkpoints.epoch, precision=precision, teachers=teachers,
-            teacher_names=ensemble.names if ensemble else (), on_epoch=after_epoch, desc=f"student {student_name}")
+            teacher_names=ensemble.names if ensemble else (), on_epoch=after_epoch, desc=trainee.label)
     finally:
         if metrics:
             metrics.close()
     if world.is_main:
         checkpoints.finish(Batches(data.test, EVAL_BATCH_SIZE, device))
+
+
+def make_optimizer(settings: TrainSettings, parameters) -> torch.optim.Optimizer:
+    """Adam (the weight decay added to the gradients, the contract's default) or AdamW (decoupled)."""
+    kind = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[settings.optimizer]
+    return kind(parameters, lr=settings.lr, weight_decay=settings.weight_decay)
+
+
+def make_scheduler(settings: TrainSettings, optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+    """StepLR (--scheduler_step, --scheduler_gamma) or a cosine decay to zero over the run's epochs."""
+    if settings.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.num_epochs)
+    return torch.optim.lr_scheduler.StepLR(optimizer, settings.scheduler_step, settings.scheduler_gamma)
 
 
 def fixed_teacher_weights(weights, task: TaskConfig) -> list[float]:
@@ -222,7 +289,7 @@ def _teacher_source(settings: TrainSettings, task: TaskConfig, data: TaskData, e
     def batches(views):
         return Batches(data.train, settings.batch_size, precision.device, shuffle=True, augment=task.augment,
                        seed=settings.seed, views=views, pool_seed=task.data.split_seed, rank=world.rank,
-                       world_size=world.size)
+                       world_size=world.size, drop_last=True)
 
     if ensemble is None:
         return batches(None), None
@@ -253,9 +320,11 @@ class RunCheckpoints:
     metrics history, all a resumed run needs to continue bit for bit; checkpoint_best.pt (weights
     only) and student.safetensors on a new best validation accuracy."""
 
-    def __init__(self, run_dir: Path, model, optimizer, scheduler, precision: Precision, metadata: dict):
+    def __init__(self, run_dir: Path, model, optimizer, scheduler, precision: Precision, trainee: Trainee):
         self.run_dir, self.model, self.optimizer = run_dir, model, optimizer
-        self.scheduler, self.precision, self.metadata = scheduler, precision, metadata
+        self.scheduler, self.precision, self.metadata = scheduler, precision, dict(trainee.metadata)
+        self.weights_path = run_dir / f"{trainee.role}.safetensors"
+        self.metadata["params"] = count_parameters(model)
         self.best_val_acc, self.best_epoch, self.epoch = -1.0, 0, 0
         self.history: list[dict] = []
 
@@ -275,7 +344,7 @@ class RunCheckpoints:
             self.best_val_acc, self.best_epoch = row["val_acc"], row["epoch"]
             self.metadata.update(val_acc=row["val_acc"], epoch=row["epoch"])
             atomic_torch_save(self._weights(), self.run_dir / "checkpoint_best.pt")
-            save_weights(self.model, self.run_dir / "student.safetensors", self.metadata)
+            save_weights(self.model, self.weights_path, self.metadata)
         atomic_torch_save(self._full_state(), self.run_dir / "checkpoint_last.pt")
 
     def restore(self) -> list[dict]:
@@ -296,7 +365,7 @@ class RunCheckpoints:
         self.model.load_state_dict(load_torch_checkpoint(self.run_dir / "checkpoint_best.pt")["model"])
         test_acc = evaluate(self.model, test_batches, self.precision)["acc"]
         self.metadata["test_acc"] = test_acc
-        save_weights(self.model, self.run_dir / "student.safetensors", self.metadata)
+        save_weights(self.model, self.weights_path, self.metadata)
         log.info("best epoch %d: val acc %.4f, test acc %.4f", self.best_epoch, self.best_val_acc, test_acc)
         return test_acc
 
@@ -307,8 +376,18 @@ def _student_metadata(task: TaskConfig, student_name: str, settings: TrainSettin
             "channels": task.data.channels, "temperature": settings.temperature, "alpha": settings.alpha}
 
 
-def _resolved_config(settings, task, student_name, precision, data_source, world: World) -> dict:
-    return {"settings": {**dataclasses.asdict(settings), "student_model": student_name},
+def _resolved_config(settings, task, trainee: Trainee, precision, data_source, world: World) -> dict:
+    return {"settings": dataclasses.asdict(settings), "trains": {"role": trainee.role, "label": trainee.label},
             "task": task.to_dict(), "data_source": data_source, "device": str(precision.device),
             "processes": world.size, "global_batch_size": settings.batch_size * world.size,
             "precision": precision.name, "torch": torch.__version__, "python": platform.python_version()}
+
+
+def _start_weights(pretrained: bool | Path) -> str:
+    if isinstance(pretrained, Path):
+        return f"the pretrained weights in {pretrained}"
+    return "timm's pretrained weights" if pretrained else "random weights"
+
+
+def _fmt(value) -> str:
+    return "?" if value is None else f"{value:.4f}"

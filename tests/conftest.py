@@ -35,3 +35,10 @@ def tiny_task_raw(checkpoint_dir: Path, classes=("a", "b", "c"), size=8) -> dict
 @pytest.fixture
 def tiny_task(tmp_path):
     return parse_task_config(tiny_task_raw(tmp_path / "teachers"), "tiny")
+
+
+def with_random_head(model):
+    """A new model predicts the uniform distribution (its classifier starts at zero); tests that need
+    teachers with distinct outputs give it a random classifier."""
+    torch.nn.init.normal_(model.backbone.get_classifier().weight, std=0.5)
+    return model

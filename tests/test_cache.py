@@ -9,14 +9,15 @@ from kd.data import Batches, Split
 from kd.engine import Precision, online_teachers
 from kd.models import create_model
 from kd.teachers import TeacherEnsemble
+from tests.conftest import with_random_head
 
 CPU = Precision(torch.device("cpu"), None)
 
 
 def setup(tmp_path, augment=AugmentSpec(crop_padding=2, hflip=True), views=3):
     torch.manual_seed(0)
-    teachers = {"r": create_model("resnet10t", 3, 1, [0.4], [0.3]),
-                "m": create_model("mobilenetv3_small_050", 3, 1, [0.5], [0.2])}
+    teachers = {"r": with_random_head(create_model("resnet10t", 3, 1, [0.4], [0.3])),
+                "m": with_random_head(create_model("mobilenetv3_small_050", 3, 1, [0.5], [0.2]))}
     checkpoints = []
     for name, model in teachers.items():
         checkpoints.append(tmp_path / f"{name}.safetensors")

@@ -1,8 +1,10 @@
 import pytest
+import torch
 import yaml
 
 from kd.config import TASK_CONFIGS, load_task_config, parse_task_config
 from kd.errors import UserError
+from kd.students import build_student
 from tests.conftest import tiny_task_raw
 
 
@@ -60,4 +62,19 @@ def test_wrong_value_types_are_user_errors(tmp_path):
     raw = tiny_task_raw(tmp_path)
     del raw["normalization"]
     with pytest.raises(UserError, match="wrong type"):
+        parse_task_config(raw, "cfg")
+
+
+def test_student_stride_reduction_is_read_and_checked(tmp_path):
+    raw = tiny_task_raw(tmp_path, size=32)
+    raw["student_stride_reduction"] = {"MobileNetV3": 0}
+    task = parse_task_config(raw, "cfg")
+    with torch.no_grad():
+        final = build_student("MobileNetV3", task).eval().backbone.forward_features(torch.zeros(1, 1, 32, 32))
+    assert final.shape[-1] == 1  # timm's own architecture: 32x smaller; the default (1 halved) gives 2
+    raw["student_stride_reduction"] = {"MobileNet": 2}
+    with pytest.raises(UserError, match="unknown student.*MobileNet;"):
+        parse_task_config(raw, "cfg")
+    raw["student_stride_reduction"] = {"MobileNetV3": 7}
+    with pytest.raises(UserError, match="student_stride_reduction must map"):
         parse_task_config(raw, "cfg")

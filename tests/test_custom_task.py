@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from kd.checkpoint import save_weights
 from kd.config import load_task_config
 from kd.data import Split, TaskData, load_task_data, read_image
+from kd.distributed import World
 from kd.engine import Precision
 from kd.errors import UserError
 from kd.evaluation import evaluate_task, main_for_task
@@ -29,8 +30,8 @@ from kd.predict import main as predict_main
 from kd.predict import predict_images
 from kd.speed import SpeedSettings
 from kd.students import build_student
-from kd.teachers import load_teacher, prepare_teachers
-from kd.training import TrainSettings, train_student
+from kd.teachers import load_teacher
+from kd.training import TrainSettings, ensure_teachers, train_student
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (40, 50, 230)}
 GREYS = {"dark": 30, "mid": 128, "light": 230}
@@ -228,12 +229,12 @@ def test_pretrained_offline_fails_with_one_clear_line(tmp_path, monkeypatch):
         {"name": "r", "arch": "resnet10t", "checkpoint": "teachers/r.safetensors", "pretrained": True}])))
     split = Split(torch.zeros(3, 3, 12, 12, dtype=torch.uint8), torch.arange(3))
     with pytest.raises(UserError) as err:
-        prepare_teachers(task, TaskData(split, split, split, "synthetic"), Precision(torch.device("cpu"), None))
+        ensure_teachers(task, TaskData(split, split, split, "synthetic"), Precision(torch.device("cpu"), None), World())
     message = str(err.value)
     assert attempts and "\n" not in message
     assert message.startswith("could not fetch timm's pretrained weights for resnet10t (Temporary failure")
     assert "pretrained_cfg_overlay=dict(file=...)" in message and "`checkpoint:`" in message
-    assert not (tmp_path / "teachers").exists()
+    assert not any(p.is_file() for p in (tmp_path / "teachers").rglob("*"))  # nothing half-written
 
 
 def test_pretrained_weights_from_a_local_file_start_the_teacher(tmp_path):

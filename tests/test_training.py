@@ -84,7 +84,8 @@ def test_training_writes_a_complete_run_folder(trained_run, tmp_path):
         _, teacher_meta = load_weights(tmp_path / "teachers" / f"{teacher}.safetensors")
         assert {"val_acc", "test_acc", "arch", "classes"} <= set(teacher_meta)
     log = (run_dir / "train.log").read_text()
-    assert "TEACHER CHECKPOINT MISSING" in log and "teacher-logit cache: 2 teachers x 2 views" in log
+    assert "teacher resnet" in log and f"test acc {teacher_meta['test_acc']:.4f}" in log
+    assert "teacher-logit cache: 2 teachers x 2 views" in log
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2
 
 
@@ -151,3 +152,13 @@ def test_out_of_memory_suggests_a_smaller_batch(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="ran out of memory at --batch_size 512; try a smaller --batch_size"):
         train_student(settings)
     assert not any((tmp_path / "runs").iterdir())  # nothing half-written is left
+
+
+@pytest.mark.parametrize("batch_size", [20, 61])
+def test_task_a_trains_when_its_last_batch_would_hold_one_image(tmp_path, batch_size):
+    """1,221 training images = 61 x 20 + 1: without dropping the last batch, BatchNorm fails on it."""
+    settings = TrainSettings(task="A", num_epochs=1, batch_size=batch_size, alpha=0.0, student_model="MobileNetV3",
+                             device="cpu", output_dir=str(tmp_path))
+    run_dir = train_student(settings)
+    rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
+    assert len(rows) == 1 and float(rows[0]["train_loss"]) > 0

@@ -1,0 +1,45 @@
+"""The settings of a training run: one source of truth for train.py's flags and their defaults.
+
+Kept free of torch so that `train.py --help` answers at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+OPTIMIZERS = ("adam", "adamw")
+LR_SCHEDULES = ("step", "cosine")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Every knob of a student training run; train.py's flags map onto these one to one."""
+
+    task: str = "B"  # A, B, or the path of a task config file
+    lr: float = 0.001
+    batch_size: int = 32
+    num_epochs: int = 100
+    weight_decay: float = 0.0005
+    temperature: float = 2.0
+    alpha: float = 0.1
+    scheduler_step: int = 30
+    scheduler_gamma: float = 0.5
+    student_model: str = "EfficientNet"
+    seed: int = 42
+    run: str = ""
+    device: str = "auto"
+    amp: bool = True
+    data_dir: str | None = None
+    output_dir: str = "runs"
+    teacher_epochs: int | None = None
+    teacher_weighting: str = "uniform"
+    teacher_cache: str = "auto"  # auto | on | off
+    teacher_cache_views: int = 4
+    cache_dir: str = "cache"
+    resume: str | None = None  # "auto", a run folder, or its checkpoint_last.pt
+    teacher_weights: tuple[float, ...] | None = None  # for teacher_weighting="fixed"; default: the config's
+    channels_last: bool = True
+    compile: bool = False
+    label_smoothing: float = 0.0  # of the hard-label term
+    optimizer: str = "adam"  # adam | adamw
+    lr_schedule: str = "step"  # step (StepLR) | cosine

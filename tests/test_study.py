@@ -1,0 +1,162 @@
+import csv
+import importlib.util
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+import torch.nn as nn
+import yaml
+
+import kd.study
+from kd.checkpoint import load_weights, save_weights
+from kd.study import (budget_settings, finished_runs, parse_overrides, remove_interrupted_runs,
+                      summarize, verdict)
+from kd.errors import UserError
+from kd.training import TrainSettings
+from tests.conftest import tiny_task_raw
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("kd_study_script", ROOT / "benchmarks" / "kd_study.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_task(tmp_path: Path) -> Path:
+    raw = tiny_task_raw(Path("teachers"))  # relative: resolves beside the config file; recipes of 1 epoch
+    raw.update(classes=[str(i) for i in range(10)], data={"source": "digits", "input_size": 8, "channels": 1})
+    path = tmp_path / "digits8.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def row(student, arm, seed, acc, **extra):
+    return {"task": "T", "student": student, "arm": arm, "seed": seed, "alpha": 0.0 if arm == "alpha0" else 0.5,
+            "test_acc": acc, "wall_s": 10.0, "built": "", **extra}
+
+
+def test_summary_statistics_on_hand_made_rows():
+    alpha0 = {1: 0.900, 2: 0.910, 3: 0.920}
+    arms = {"uniform": {1: 0.920, 2: 0.925, 3: 0.930},      # +2.0, +1.5, +1.0: a clear gain
+            "entropy": {1: 0.905, 2: 0.905, 3: 0.930},      # +0.5, -0.5, +1.0: mean 0.33 < sd
+            "confidence": {1: 0.880, 2: 0.890, 3: 0.905}}   # -2.0, -2.0, -1.5: a clear loss
+    rows = [row("S", "alpha0", s, a) for s, a in alpha0.items()]
+    rows += [row("S", arm, s, a) for arm, accs in arms.items() for s, a in accs.items()]
+    stats = {a.arm: a for a in summarize(rows)["S"]}
+
+    assert list(stats) == ["alpha0", "uniform", "entropy", "confidence"]  # ARMS order
+    base = stats["alpha0"]
+    assert base.mean == pytest.approx(91.0) and base.sd == pytest.approx(1.0)
+    assert base.verdict == "baseline" and base.paired == {} and base.gain is None
+    uniform = stats["uniform"]
+    assert uniform.mean == pytest.approx(92.5) and uniform.sd == pytest.approx(0.5)
+    assert uniform.paired == pytest.approx({1: 2.0, 2: 1.5, 3: 1.0})
+    assert uniform.paired_mean == pytest.approx(1.5) and uniform.paired_sd == pytest.approx(0.5)
+    assert uniform.gain == pytest.approx(1.5) and uniform.verdict == "gain"
+    assert stats["entropy"].paired_mean == pytest.approx(1 / 3) and stats["entropy"].verdict == "within noise"
+    assert stats["confidence"].verdict == "loss"
+
+
+def test_verdict_rule():
+    assert verdict([0.6, 0.6]) == "gain"
+    assert verdict([0.4, 0.4]) == "within noise"     # consistent but under half a point
+    assert verdict([3.0, -1.0]) == "within noise"    # mean 1.0 under its sd 2.83
+    assert verdict([-0.8, -0.7]) == "loss"
+    assert verdict([5.0]) == "within noise"          # one pair has no spread to compare with
+
+
+def test_rows_of_another_budget_or_alpha_are_not_reused():
+    base = TrainSettings(task="x", num_epochs=3, alpha=0.5, device="cpu")
+    budget = json.loads(json.dumps(kd.study.budget_of(base)))
+    other = {**budget, "num_epochs": 4}
+    older = {k: v for k, v in budget.items() if k != "compile"}  # a row written before a field existed
+    rows = [row("S", "uniform", 1, 0.9, budget=budget), row("S", "uniform", 2, 0.9, budget=other),
+            row("S", "uniform", 3, 0.9, budget=older), row("S", "alpha0", 1, 0.8, budget=budget),
+            {**row("S", "uniform", 4, 0.9, budget=budget), "alpha": 0.3}]
+    assert set(finished_runs(rows, "T", base)) == {("S", "uniform", 1), ("S", "uniform", 3), ("S", "alpha0", 1)}
+    assert set(finished_runs(rows, "T", TrainSettings(task="x", num_epochs=3, alpha=0.3, device="cpu"))) == {
+        ("S", "uniform", 4), ("S", "alpha0", 1)}  # alpha0 serves every --alpha
+
+
+def test_interrupted_run_folders_are_removed_finished_ones_kept(tmp_path):
+    name = "TaskT_MobileNetV3_T2.0_a0.5_uniform_s1"
+    interrupted, finished, other = tmp_path / name, tmp_path / f"{name}-2", tmp_path / f"{name}0"
+    for folder in (interrupted, finished, other):
+        folder.mkdir()
+        (folder / "checkpoint_last.pt").write_bytes(b"")
+    save_weights(nn.Linear(2, 2), interrupted / "student.safetensors", {"val_acc": 0.5})
+    save_weights(nn.Linear(2, 2), finished / "student.safetensors", {"val_acc": 0.5, "test_acc": 0.5})
+    remove_interrupted_runs(tmp_path, name)
+    assert not interrupted.exists() and finished.exists() and other.exists()
+
+
+def test_overrides_are_checked_against_train_settings():
+    assert parse_overrides(["teacher_epochs=5", "amp=false", "data_dir=x", "teacher_weights=[1, 2]"]) == {
+        "teacher_epochs": 5, "amp": False, "data_dir": "x", "teacher_weights": (1, 2)}
+    assert budget_settings({"lr": 0.1}, {"amp": False}) == {"lr": 0.1, "amp": False}
+    for overrides, message in (({"label_smoothin": 0.1}, "no such training setting"), ({"lr": 1.0}, "use --lr"),
+                               ({"seed": 3}, "sets it for each run")):
+        with pytest.raises(UserError, match=message):
+            budget_settings({"lr": 0.1}, overrides)
+
+
+@pytest.mark.parametrize("argv, code, words", [
+    (["--arms", "alpha0", "bogus"], 2, "bogus"),
+    (["--seeds"], 2, "--seeds"),
+    (["--students", "VGG"], 2, "VGG"),
+    (["--set", "no_such_field=1"], 1, "no_such_field"),
+])
+def test_bad_input_exits_with_one_line(argv, code, words, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        load_script().main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == code
+    assert len(err.splitlines()) == 1 and words in err
+
+
+def test_study_records_summarises_and_resumes(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "study"
+    argv = ["--config", str(write_task(tmp_path)), "--students", "mobilenetv3", "--seeds", "1", "2",
+            "--arms", "alpha0", "uniform", "--num_epochs", "1", "--batch_size", "64", "--lr", "0.01", "--alpha", "0.5",
+            "--device", "cpu", "--set", f"cache_dir={tmp_path / 'cache'}", "teacher_cache_views=2",
+            "--output", str(out)]
+    script = load_script()
+    script.main(argv)
+    printed = capsys.readouterr().out
+
+    rows = list(csv.DictReader((out / "runs.csv").open()))
+    assert sorted((r["arm"], r["seed"]) for r in rows) == [("alpha0", "1"), ("alpha0", "2"), ("uniform", "1"),
+                                                           ("uniform", "2")]
+    for r in rows:
+        meta = load_weights(out / r["run_dir"] / "student.safetensors")[1]
+        assert float(r["test_acc"]) == meta["test_acc"] and float(r["val_acc"]) == meta["val_acc"]
+        assert r["student"] == "MobileNetV3" and r["epochs"] == "1" and float(r["alpha"]) == (
+            0.0 if r["arm"] == "alpha0" else 0.5)
+    assert [r["built"] for r in rows if r["arm"] == "uniform"] == ["teachers cache", ""]
+
+    acc = {(r["arm"], int(r["seed"])): 100 * float(r["test_acc"]) for r in rows}
+    summary = (out / "summary.md").read_text()
+    for seed in (1, 2):
+        assert f"s{seed} {acc['uniform', seed] - acc['alpha0', seed]:+.2f}" in summary
+    assert f"| uniform | {statistics.fmean([acc['uniform', 1], acc['uniform', 2]]):.2f} ± " in summary
+    teachers = json.loads((out / "teachers.json").read_text())
+    assert set(teachers["teachers"]) == {"resnet", "mobile"} and 0 <= teachers["ensemble"]["test_acc"] <= 1
+    assert f"{100 * teachers['ensemble']['test_acc']:.2f}%" in summary
+    assert "epochs 1," in summary and "kd_study.py --config" in summary
+    assert (out / "study.png").stat().st_size > 0
+    assert "## MobileNetV3" in printed and printed.count("test acc") >= 4
+
+    def must_not_train(settings):
+        raise AssertionError(f"trained again: {settings.run}")
+
+    folders = sorted(p.name for p in (out / "runs").iterdir())
+    monkeypatch.setattr(kd.study, "train_student", must_not_train)
+    script.main(argv)
+    assert "0 to train" in capsys.readouterr().out
+    assert sorted(p.name for p in (out / "runs").iterdir()) == folders
+    assert len(list(csv.DictReader((out / "runs.csv").open()))) == 4
+    assert (out / "summary.md").read_text() == summary
