@@ -15,10 +15,11 @@ DEFAULTS = TrainSettings()
 def get_args_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description="Multi-teacher knowledge distillation into a small student.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--task", default=DEFAULTS.task, choices=["A", "B"], type=str.upper,
+    source = p.add_mutually_exclusive_group()  # one task source: two at once is an error
+    source.add_argument("--task", default=DEFAULTS.task, choices=["A", "B"], type=str.upper,
                    help="A: handwritten digits, B: Fashion-MNIST")
-    p.add_argument("--config", default=None, metavar="YAML",
-                   help="a task config file; overrides --task (configs/task_template.yaml documents the format)")
+    source.add_argument("--config", default=None, metavar="YAML",
+                   help="a task config file instead of --task (configs/task_template.yaml documents the format)")
     p.add_argument("--lr", type=positive_float, default=DEFAULTS.lr, help="learning rate")
     p.add_argument("--batch_size", type=positive_int, default=DEFAULTS.batch_size, help="training batch size")
     p.add_argument("--num_epochs", type=positive_int, default=DEFAULTS.num_epochs, help="student training epochs")

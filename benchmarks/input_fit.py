@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kd.config import load_task_config  # noqa: E402
 from kd.data import Batches, Split, load_task_data  # noqa: E402
-from kd.engine import evaluate, fit, seed_everything, select_precision, train_one_epoch  # noqa: E402
+from kd.engine import fit, seed_everything, select_precision, train_one_epoch  # noqa: E402
 from kd.losses import KDLoss  # noqa: E402
 from kd.models import create_model  # noqa: E402
 from kd.students import STUDENT_ARCHS  # noqa: E402

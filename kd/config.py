@@ -230,6 +230,9 @@ def _check(task: TaskConfig, where: str) -> None:
     names = [t.name for t in task.teachers]
     if len(set(names)) != len(names):
         raise UserError(f"{where}: teacher names must be unique, got {names}")
+    weights = [t.weight for t in task.teachers]
+    if min(weights) < 0 or sum(weights) <= 0:
+        raise UserError(f"{where}: teacher weights must be >= 0 and not all 0, got {weights}")
 
 
 def load_task_config(task: str) -> TaskConfig:
@@ -246,4 +249,6 @@ def load_task_config(task: str) -> TaskConfig:
         raw = yaml.safe_load(path.read_text())
     except (yaml.YAMLError, OSError, UnicodeDecodeError) as err:
         raise UserError(f"{path}: not a readable YAML file ({err})") from None
+    # A built-in config named by its path is the same task as its letter: the same teachers, not a second set.
+    builtin = builtin or next((p for p in TASK_CONFIGS.values() if p.resolve() == path.resolve()), None)
     return parse_task_config(raw, str(path), root=CONFIG_DIR.parent if builtin else path.resolve().parent)

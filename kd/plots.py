@@ -14,7 +14,7 @@ import matplotlib as mpl
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 from matplotlib.transforms import Bbox
 
 from kd.metrics import as_numpy, normalize_rows
@@ -22,6 +22,17 @@ from kd.metrics import as_numpy, normalize_rows
 STYLE = {"font.size": 11, "axes.titlesize": 13, "axes.labelsize": 12, "figure.titlesize": 15, "legend.fontsize": 10}
 CORRECT, WRONG = "#1b7a36", "#c62828"
 PERCENT = FuncFormatter(lambda v, _: f"{v:.0%}")
+
+
+def label_ticks_apart(ax, scale: float = 1.0, suffix: str = "") -> None:
+    """Fix the y ticks and label them (times `scale`) with just the decimals that tell neighbours apart:
+    95.25% and 95.5%, never 99%, 99%, 98%."""
+    low, high = ax.get_ylim()
+    ticks = [t for t in ax.get_yticks() if low <= t <= high]
+    step = min(np.diff(ticks)) * scale if len(ticks) > 1 else 1.0
+    decimals = next((d for d in range(6) if abs(step * 10 ** d - round(step * 10 ** d)) < 1e-6), 6)
+    ax.yaxis.set_major_locator(FixedLocator(ticks))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v * scale:.{decimals}f}{suffix}"))
 
 
 def _save(fig: Figure, path: Path) -> Path:
@@ -160,12 +171,12 @@ def plot_student_vs_teachers(points: Sequence[ModelPoint], path: Path, title: st
             _log_x_axis(ax, [getattr(p, attr) for p in points], tick_format)
             ax.set_xlabel(label)
         axes[0].set_ylabel("test accuracy")
-        axes[0].yaxis.set_major_formatter(PERCENT)
         axes[0].set_title("Accuracy vs size")
         axes[1].set_title("Accuracy vs speed")
         accuracies = [p.accuracy for p in points]
         margin = max(0.01, (max(accuracies) - min(accuracies)) * 0.25)  # room for labels above and below
         axes[0].set_ylim(min(accuracies) - margin, max(accuracies) + margin)
+        label_ticks_apart(axes[0], scale=100, suffix="%")
         fig.suptitle(title)
         fig.canvas.draw()  # fixes the layout, so label boxes are measured where they will be drawn
         for ax, (attr, _, _) in zip(axes, axes_spec):

@@ -22,12 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib as mpl
-import numpy as np
 import torch
 import yaml
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import FixedLocator, FuncFormatter
 
 from kd.cache import file_sha256
 from kd.checkpoint import atomic_write, load_weights
@@ -36,7 +34,7 @@ from kd.data import Batches, load_task_data
 from kd.engine import Precision, collect_logits, select_device
 from kd.errors import UserError
 from kd.losses import teacher_target
-from kd.plots import STYLE
+from kd.plots import STYLE, label_ticks_apart
 from kd.report import write_json
 from kd.runs import run_name, setup_logging
 from kd.students import STUDENT_ARCHS, canonical_student_name
@@ -308,7 +306,7 @@ def measure_teachers(task: TaskConfig, base: TrainSettings, path: Path) -> dict 
         return saved
     measured = score_teachers(task, base)
     for name, entry in measured["teachers"].items():
-        entry.update(checkpoint=str(checkpoints[name]), sha256=hashes[name])
+        entry.update(checkpoint=_relative(checkpoints[name]), sha256=hashes[name])
     write_json(measured, path)
     return measured
 
@@ -328,6 +326,14 @@ def score_teachers(task: TaskConfig, base: TrainSettings) -> dict:
                          for spec in task.teachers},
             "ensemble": {"rule": "argmax of the mean over teachers of softmax(z / T)",
                          "test_acc": _accuracy(ensemble, labels)}}
+
+
+def _relative(path: Path) -> str:
+    """The path from the working directory where it lies below it, so the study's files name no machine."""
+    try:
+        return Path(path).resolve().relative_to(Path.cwd()).as_posix()
+    except ValueError:
+        return str(path)
 
 
 def _accuracy(predictions: torch.Tensor, labels: torch.Tensor) -> float:
@@ -471,13 +477,3 @@ def plot_study(stats: dict[str, list[ArmStats]], teachers: dict | None, path: Pa
         ax.set_title(title)
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=110)
-
-
-def label_ticks_apart(ax) -> None:
-    """Fix the y ticks and give their labels just the decimals that tell neighbours apart (95.25 vs 95.5)."""
-    low, high = ax.get_ylim()
-    ticks = [t for t in ax.get_yticks() if low <= t <= high]
-    step = min(np.diff(ticks)) if len(ticks) > 1 else 1.0
-    decimals = next((d for d in range(6) if abs(step * 10 ** d - round(step * 10 ** d)) < 1e-6), 6)
-    ax.yaxis.set_major_locator(FixedLocator(ticks))
-    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.{decimals}f}"))

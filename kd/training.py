@@ -59,6 +59,7 @@ def train_student(settings: TrainSettings) -> Path:
         settings = dataclasses.replace(read_run_settings(resume_dir), resume=str(resume_dir))
     task = load_task_config(settings.task)
     student_name = canonical_student_name(settings.student_model)
+    fixed_teacher_weights(settings.teacher_weights, task)  # wrong weights stop before any training
     device = select_device(settings.device)
     world = init_world(device)
     try:
@@ -137,7 +138,8 @@ def teacher_settings(spec: TeacherSpec, task: TaskConfig, teacher_epochs: int | 
     recipe = spec.recipe
     return TrainSettings(task=task.name, lr=recipe.lr, batch_size=recipe.batch_size,
                          num_epochs=teacher_epochs or recipe.epochs, weight_decay=recipe.weight_decay, alpha=0.0,
-                         seed=recipe.seed, student_model="", optimizer="adamw", lr_schedule="cosine", label_smoothing=recipe.label_smoothing)
+                         seed=recipe.seed, student_model="", optimizer="adamw", lr_schedule="cosine",
+                         label_smoothing=recipe.label_smoothing)
 
 
 def run_training(run_dir: Path, settings: TrainSettings, task: TaskConfig, trainee: Trainee, precision: Precision,
@@ -325,12 +327,12 @@ class RunCheckpoints:
         self.scheduler, self.precision, self.metadata = scheduler, precision, dict(trainee.metadata)
         self.weights_path = run_dir / f"{trainee.role}.safetensors"
         self.metadata["params"] = count_parameters(model)
-        self.best_val_acc, self.best_epoch, self.epoch = -1.0, 0, 0
+        self.best_val_acc, self.best_val_loss, self.best_epoch, self.epoch = -1.0, float("inf"), 0, 0
         self.history: list[dict] = []
 
     def _weights(self) -> dict:
         return {"model": self.model.state_dict(), "epoch": self.epoch, "best_val_acc": self.best_val_acc,
-                "best_epoch": self.best_epoch, "metadata": self.metadata}
+                "best_val_loss": self.best_val_loss, "best_epoch": self.best_epoch, "metadata": self.metadata}
 
     def _full_state(self) -> dict:
         return {**self._weights(), "optimizer": self.optimizer.state_dict(), "history": self.history,
@@ -340,12 +342,17 @@ class RunCheckpoints:
     def save(self, row: dict) -> None:
         self.epoch = row["epoch"]
         self.history.append(row)
-        if row["val_acc"] > self.best_val_acc:
-            self.best_val_acc, self.best_epoch = row["val_acc"], row["epoch"]
+        if self._is_best(row):
+            self.best_val_acc, self.best_val_loss, self.best_epoch = row["val_acc"], row["val_loss"], row["epoch"]
             self.metadata.update(val_acc=row["val_acc"], epoch=row["epoch"])
             atomic_torch_save(self._weights(), self.run_dir / "checkpoint_best.pt")
             save_weights(self.model, self.weights_path, self.metadata)
         atomic_torch_save(self._full_state(), self.run_dir / "checkpoint_last.pt")
+
+    def _is_best(self, row: dict) -> bool:
+        """Higher validation accuracy; at equal accuracy (common on a small validation split that a good
+        model gets all right) the lower validation loss, not the earlier epoch."""
+        return (row["val_acc"], -row["val_loss"]) > (self.best_val_acc, -self.best_val_loss)
 
     def restore(self) -> list[dict]:
         """Load checkpoint_last.pt into the model, optimizer, scheduler, scaler and RNGs; return the history."""
@@ -357,6 +364,7 @@ class RunCheckpoints:
         set_rng_state(state["rng"])
         self.epoch, self.history = state["epoch"], state["history"]
         self.best_val_acc, self.best_epoch = state["best_val_acc"], state["best_epoch"]
+        self.best_val_loss = state.get("best_val_loss", float("inf"))  # absent from earlier releases' checkpoints
         self.metadata.update({k: v for k, v in state["metadata"].items() if k in ("val_acc", "epoch")})
         return self.history
 

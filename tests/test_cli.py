@@ -45,3 +45,18 @@ def test_script_reports_user_errors_in_one_line(tmp_path):
         f"error: {config}: data: unknown key(s) colour; valid keys: channels, input_size, root, source, split_seed, "
         "test_size, val_size"]
     assert "Traceback" not in result.stderr and not (tmp_path / "runs").exists()
+
+
+def test_two_task_sources_at_once_are_an_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        get_args_parser().parse_args(["--task", "A", "--config", "configs/task_b.yaml"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and "not allowed with argument" in err[0]
+
+
+def test_a_builtin_config_by_path_is_the_same_task_as_its_letter():
+    from kd.config import load_task_config
+
+    by_path = load_task_config(str(ROOT / "configs" / "task_b.yaml"))
+    assert by_path == load_task_config("B")
+    assert by_path.teacher_checkpoint(by_path.teachers[0]) == ROOT / "teachers" / "TaskB" / "resnet18.safetensors"

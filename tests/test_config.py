@@ -78,3 +78,12 @@ def test_student_stride_reduction_is_read_and_checked(tmp_path):
     raw["student_stride_reduction"] = {"MobileNetV3": 7}
     with pytest.raises(UserError, match="student_stride_reduction must map"):
         parse_task_config(raw, "cfg")
+
+
+@pytest.mark.parametrize("weights", [[0, 0], [1, -1]])
+def test_teacher_weights_that_cannot_be_normalised_are_refused(tmp_path, weights):
+    raw = tiny_task_raw(tmp_path)
+    for teacher, weight in zip(raw["teachers"], weights):
+        teacher["weight"] = weight
+    with pytest.raises(UserError, match="teacher weights must be >= 0 and not all 0"):
+        parse_task_config(raw, "cfg")

@@ -1,11 +1,20 @@
 import csv
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
 
+from kd.data import Batches, Split
+from kd.distributed import init_world, shutdown
+from kd.engine import Precision, train_one_epoch
+from kd.losses import KDLoss
 from tests.test_training import write_task
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,15 +34,56 @@ def train(tmp_path: Path, launcher: list[str], batch_size: int, out: str) -> lis
     return list(csv.DictReader((run_dir / "metrics.csv").open()))
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def bn_free_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 3))
+
+
+def train_an_epoch_without_batchnorm(rank: int, world_size: int, port: int, out: str) -> None:
+    """One epoch of SGD on a model without BatchNorm, as process `rank` of `world_size`; rank 0 saves it."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    world = init_world(torch.device("cpu"))
+    model = bn_free_model()
+    trained = DistributedDataParallel(model) if world.size > 1 else model
+    g = torch.Generator().manual_seed(1)
+    split = Split(torch.randint(0, 256, (70, 1, 8, 8), generator=g, dtype=torch.uint8), torch.arange(70) % 3)
+    batches = Batches(split, 16 // world.size, "cpu", shuffle=True, seed=3, rank=world.rank, world_size=world.size,
+                      drop_last=True)
+    # SGD, not Adam: Adam's update barely changes when the gradient doubles, so it would hide summed gradients.
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    train_one_epoch(trained, batches, optimizer, KDLoss(1.0, 0.0), Precision(torch.device("cpu"), None))
+    if world.is_main:
+        torch.save(model.state_dict(), out)
+    shutdown()
+
+
+def test_two_processes_take_the_same_steps_as_one_process_on_the_global_batch(tmp_path):
+    """What DDP promises: averaged gradients over the shards of each global batch, so the weights after an
+    epoch equal one process's on the same global batches (to float rounding)."""
+    mp.spawn(train_an_epoch_without_batchnorm, args=(2, free_port(), str(tmp_path / "two.pt")), nprocs=2)
+    train_an_epoch_without_batchnorm(0, 1, free_port(), str(tmp_path / "one.pt"))
+    two, one = torch.load(tmp_path / "two.pt"), torch.load(tmp_path / "one.pt")
+    initial = bn_free_model().state_dict()
+    for key in one:
+        assert not torch.allclose(one[key], initial[key])  # it trained
+        torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.slow
-def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path):
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531"]
+def test_train_py_runs_under_torchrun_with_one_writer(tmp_path):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                str(free_port())]
     two = train(tmp_path, torchrun, 32, "ddp")
     one = train(tmp_path, [sys.executable], 64, "single")
     assert len(two) == len(one) == 3
-    # Same global batches and optimizer steps; only BatchNorm statistics differ (per process, not
-    # synchronised on CPU), so the curves agree closely rather than bit for bit.
-    for a, b in zip(two, one):
-        assert abs(float(a["train_loss"]) - float(b["train_loss"])) < 0.25 * float(b["train_loss"])
-    assert abs(float(two[-1]["val_acc"]) - float(one[-1]["val_acc"])) < 0.1
+    # BatchNorm statistics are per process on CPU, so the curves agree closely, not exactly (the exact
+    # agreement of the steps is tested above); both learn the task.
     assert min(float(two[-1]["val_acc"]), float(one[-1]["val_acc"])) > 0.7

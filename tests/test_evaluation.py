@@ -137,6 +137,17 @@ def test_all_four_figures_are_written(tmp_path):
         _assert_png(tmp_path / name)
 
 
+@pytest.mark.parametrize("low, high", [(0.983, 0.997), (0.90, 0.99), (0.5, 1.0)])
+def test_accuracy_ticks_are_told_apart(low, high):
+    from matplotlib.figure import Figure
+
+    ax = Figure().subplots()
+    ax.set_ylim(low, high)
+    plots.label_ticks_apart(ax, scale=100, suffix="%")
+    labels = [ax.yaxis.get_major_formatter()(t, i) for i, t in enumerate(ax.get_yticks())]
+    assert len(labels) >= 3 and len(set(labels)) == len(labels) and all(label.endswith("%") for label in labels)
+
+
 # --- the summary ---------------------------------------------------------------------------------
 
 def _fake_metrics(student_acc=0.9, student_params=1_000_000, student_throughput=1000.0) -> dict:

@@ -58,8 +58,9 @@ def test_killed_run_resumes_bit_for_bit(tmp_path):
 @pytest.mark.slow
 def test_ctrl_c_keeps_the_last_epoch_and_says_how_to_resume(tmp_path):
     config = write_task(tmp_path)
-    process = subprocess.Popen(train_command(config, tmp_path / "runs", tmp_path / "cache"), cwd=ROOT,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # 100 epochs: the run cannot finish before the signal arrives, however fast the machine.
+    process = subprocess.Popen(train_command(config, tmp_path / "runs", tmp_path / "cache", "--num_epochs", "100"),
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while not list((tmp_path / "runs").glob("*/checkpoint_last.pt")) and time.monotonic() < deadline:
         time.sleep(0.05)

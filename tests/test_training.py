@@ -162,3 +162,11 @@ def test_task_a_trains_when_its_last_batch_would_hold_one_image(tmp_path, batch_
     run_dir = train_student(settings)
     rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
     assert len(rows) == 1 and float(rows[0]["train_loss"]) > 0
+
+
+def test_teacher_weights_of_the_wrong_length_stop_before_any_training(tmp_path):
+    settings = TrainSettings(task=str(write_task(tmp_path)), alpha=0.5, teacher_weighting="fixed",
+                             teacher_weights=(1.0,), device="cpu", output_dir=str(tmp_path / "runs"))
+    with pytest.raises(UserError, match="--teacher_weights needs 2 non-negative values"):
+        train_student(settings)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "teachers").exists()
