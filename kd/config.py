@@ -231,8 +231,13 @@ def _check(task: TaskConfig, where: str) -> None:
     if len(set(names)) != len(names):
         raise UserError(f"{where}: teacher names must be unique, got {names}")
     weights = [t.weight for t in task.teachers]
-    if min(weights) < 0 or sum(weights) <= 0:
+    if not normalisable(weights):
         raise UserError(f"{where}: teacher weights must be >= 0 and not all 0, got {weights}")
+
+
+def normalisable(weights) -> bool:
+    """Teacher weights the KD loss can normalise to sum 1: none negative, not all zero."""
+    return min(weights) >= 0 and sum(weights) > 0
 
 
 def load_task_config(task: str) -> TaskConfig:

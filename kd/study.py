@@ -36,7 +36,7 @@ from kd.errors import UserError
 from kd.losses import teacher_target
 from kd.plots import STYLE, label_ticks_apart
 from kd.report import write_json
-from kd.runs import run_name, setup_logging
+from kd.runs import run_name
 from kd.students import STUDENT_ARCHS, canonical_student_name
 from kd.teachers import load_teacher
 from kd.settings import TrainSettings
@@ -215,7 +215,6 @@ def train_arm(task: TaskConfig, base: TrainSettings, student: str, arm: str, see
     started = time.perf_counter()
     run_dir = train_student(settings)
     seconds = time.perf_counter() - started
-    setup_logging()  # keeps the study's later messages out of the run's train.log
     _, meta = load_weights(run_dir / "student.safetensors")
     built = [kind for kind, files in one_off_files(task, base).items() if files - before[kind]]
     spec = ARMS[arm]

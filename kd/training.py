@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 from kd.cache import BUDGET_BYTES, cache_bytes, cache_paths, load_or_build_cache
 from kd.checkpoint import (atomic_torch_save, atomic_write, load_state_into, load_torch_checkpoint, load_weights,
                            save_weights)
-from kd.config import TaskConfig, TeacherSpec, load_task_config
+from kd.config import TaskConfig, TeacherSpec, load_task_config, normalisable
 from kd.data import Batches, TaskData, load_task_data
 from kd.engine import (Precision, evaluate, fit, online_teachers, rng_state, select_device, select_precision,
                        seed_everything, set_rng_state)
@@ -59,6 +59,7 @@ def train_student(settings: TrainSettings) -> Path:
         settings = dataclasses.replace(read_run_settings(resume_dir), resume=str(resume_dir))
     task = load_task_config(settings.task)
     student_name = canonical_student_name(settings.student_model)
+    settings = dataclasses.replace(settings, student_model=student_name)  # config.yaml keeps the canonical name
     fixed_teacher_weights(settings.teacher_weights, task)  # wrong weights stop before any training
     device = select_device(settings.device)
     world = init_world(device)
@@ -72,7 +73,8 @@ def train_student(settings: TrainSettings) -> Path:
             task.name, student_name, settings.temperature, settings.alpha, settings.run)) if world.is_main else None)
         trainee = Trainee("student", f"student {student_name}", partial(build_student, student_name, task),
                           _student_metadata(task, student_name, settings))
-        run_training(broadcast(run_dir), settings, task, trainee, precision, data, world, ensemble)
+        run_dir = broadcast(run_dir)  # every process returns the run folder, not only rank 0
+        run_training(run_dir, settings, task, trainee, precision, data, world, ensemble)
         return run_dir
     finally:
         shutdown()
@@ -270,7 +272,7 @@ def fixed_teacher_weights(weights, task: TaskConfig) -> list[float]:
     """The 'fixed' scheme's weights: given ones (one per teacher, not all zero) or the config's."""
     if weights is None:
         return [t.weight for t in task.teachers]
-    if len(weights) != len(task.teachers) or min(weights) < 0 or sum(weights) <= 0:
+    if len(weights) != len(task.teachers) or not normalisable(weights):
         raise UserError(f"--teacher_weights needs {len(task.teachers)} non-negative values, not all zero "
                         f"(teachers: {', '.join(t.name for t in task.teachers)}); got {list(weights)}")
     return list(weights)
