@@ -2,6 +2,7 @@
 
 import argparse
 import os
+import sys
 
 from kd.cli import (ArgumentParser, bounded_float, canonical_student, fraction, positive_float, positive_int,
                     unit_interval)
@@ -68,21 +69,36 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher_cache_views", type=positive_int, default=DEFAULTS.teacher_cache_views,
                    help="augmented views per training image in the cache's fixed view pool")
     p.add_argument("--cache_dir", default=DEFAULTS.cache_dir, help="where teacher-logit caches are kept")
+    p.add_argument("--teachers_only", action="store_true",
+                   help="train the task's missing teachers (or load them), report their accuracy, and stop")
     p.add_argument("--resume", default=DEFAULTS.resume, metavar="auto|RUN",
-                   help="continue a run from its checkpoint_last.pt with the settings it was started with: "
-                        "a run folder, its checkpoint, or auto (the newest run these flags would name)")
+                   help="continue a run from its checkpoint_last.pt with the settings it was started with "
+                        "(a larger --num_epochs trains on): a run folder, its checkpoint, or auto (the newest "
+                        "run these flags would name)")
     return p
 
 
-def main(args: argparse.Namespace) -> None:
-    from kd.training import TrainSettings, train_student
+def given_flags(argv: list[str]) -> set[str]:
+    """The settings named on the command line, whatever their value (a resumed run warns about them)."""
+    parser = get_args_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    given = set(vars(parser.parse_args(argv)))
+    return given | {"task"} if "config" in given else given
 
-    options = vars(args)
+
+def main(argv: list[str]) -> None:
+    from kd.training import TrainSettings, train_student, train_teachers
+
+    options = vars(get_args_parser().parse_args(argv))
     options["task"] = options.pop("config") or options["task"]
-    run_dir = train_student(TrainSettings(**options))
+    if options.pop("teachers_only"):
+        run_dir = train_teachers(TrainSettings(**options))
+    else:
+        run_dir = train_student(TrainSettings(**options), given=given_flags(argv))
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one line from the whole job
         print(run_dir)
 
 
 if __name__ == "__main__":
-    run_cli(lambda: main(get_args_parser().parse_args()))
+    run_cli(lambda: main(sys.argv[1:]))

@@ -16,20 +16,16 @@ import argparse
 import dataclasses
 import math
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from kd.config import load_task_config  # noqa: E402
-from kd.data import Batches, Split, load_task_data  # noqa: E402
-from kd.engine import fit, seed_everything, select_precision, train_one_epoch  # noqa: E402
-from kd.losses import KDLoss  # noqa: E402
-from kd.models import create_model  # noqa: E402
-from kd.students import STUDENT_ARCHS  # noqa: E402
+from kd.config import load_task_config
+from kd.data import Batches, Split, load_task_data
+from kd.engine import fit, seed_everything, select_precision, train_one_epoch
+from kd.losses import KDLoss
+from kd.models import create_model
+from kd.students import STUDENT_ARCHS
 
 DEFAULT_OPTIONS = {"A": ["16:1", "16:2", "24:1", "32:1", "32:0"], "B": ["28:0", "28:1", "28:2"]}
 

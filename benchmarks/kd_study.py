@@ -16,19 +16,15 @@ to continue a stopped study: runs already in runs.csv at the same budget are not
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from kd.cli import (ArgumentParser, bounded_float, canonical_student, fraction, positive_float,  # noqa: E402
+from kd.cli import (ArgumentParser, bounded_float, canonical_student, fraction, positive_float,
                     positive_int)
-from kd.errors import run_cli  # noqa: E402
-from kd.runs import setup_logging  # noqa: E402
-from kd.students import STUDENT_ARCHS  # noqa: E402
-from kd.study import (ARMS, BUDGET_FLAGS, DEFAULT_SEEDS, StudyPlan, budget_settings, parse_overrides,  # noqa: E402
+from kd.errors import run_cli
+from kd.runs import setup_logging
+from kd.students import STUDENT_ARCHS
+from kd.study import (ARMS, BUDGET_FLAGS, DEFAULT_SEEDS, StudyPlan, budget_settings, parse_overrides,
                       run_study)
-from kd.settings import TrainSettings  # noqa: E402
+from kd.settings import TrainSettings
 
 DEFAULTS = TrainSettings()  # train.py's defaults, spelled once
 

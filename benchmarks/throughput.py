@@ -12,22 +12,19 @@ included), plus the validation accuracy of online and cached KD from the same se
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from kd.cache import cache_paths, load_or_build_cache  # noqa: E402
-from kd.config import load_task_config  # noqa: E402
-from kd.data import Batches, Split, load_task_data  # noqa: E402
-from kd.engine import evaluate, fit, online_teachers, select_device, select_precision, train_one_epoch  # noqa: E402
-from kd.losses import KDLoss  # noqa: E402
-from kd.students import build_student  # noqa: E402
-from kd.teachers import TeacherEnsemble, build_teacher, load_teacher  # noqa: E402
+from kd.cache import cache_paths, load_or_build_cache
+from kd.config import load_task_config
+from kd.data import Batches, Split, load_task_data
+from kd.engine import evaluate, fit, online_teachers, select_device, select_precision, train_one_epoch
+from kd.losses import KDLoss
+from kd.students import build_student
+from kd.teachers import TeacherEnsemble, build_teacher, load_teacher
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -147,7 +144,7 @@ def main(args) -> None:
     fresh, pooled = batches(), batches(args.views)
     val = Batches(val_split, 1024, device)
     with tempfile.TemporaryDirectory() as cache_dir:
-        paths = cache_paths(checkpoints, pooled, Path(cache_dir))
+        paths = cache_paths(checkpoints, pooled, precision, Path(cache_dir))
         cache, build_seconds = timed(lambda: load_or_build_cache(list(ensemble.models), paths, pooled, precision))
         trainers = {
             "a": StudentTrainer(args, task, fresh, precision, 0.0, None),

@@ -5,9 +5,11 @@ training images are drawn from a fixed pool of V augmented views per image (kd.d
 with `views=V`), so each view's teacher logits can be computed once, kept as float16 logits
 (not probabilities: the temperature may change), and replayed: the student always trains on
 exactly the view whose logits it is given, as in FKD. A cache file is keyed by the teacher
-checkpoint's hash, the training data's fingerprint, the augmentation settings and the pool,
-so a sweep over lr, temperature, alpha, seed or student reuses it, and a changed teacher or
-dataset can never be served stale logits.
+checkpoint's hash, the training data's fingerprint, the pool's exact view parameters and the
+precision of the teachers' forward pass, so a sweep over lr, temperature, alpha, seed or student
+reuses it, while a changed teacher, dataset, view pool or precision is never served stale logits.
+The pool is drawn on the CPU whatever the training device (kd.data), so a cache built on one
+device serves runs on another with the same views.
 """
 
 from __future__ import annotations
@@ -48,10 +50,13 @@ def split_fingerprint(batches: Batches) -> str:
     return digest.hexdigest()
 
 
-def cache_key(teacher_sha: str, data_fingerprint: str, batches: Batches) -> str:
-    parts = {"teacher": teacher_sha, "data": data_fingerprint, "views": batches.num_views,
-             "pool_seed": batches.pool_seed, "augment": asdict(batches.augment) if batches.augment else None,
-             "format": 1}
+def cache_key(teacher_sha: str, data_fingerprint: str, batches: Batches, precision: str) -> str:
+    """Everything that determines a cache's logits: the teacher's weights, the images, the exact view
+    parameters (crop offsets and flips, not only the seed they were drawn from) and the precision the
+    teacher ran in."""
+    views = hashlib.sha256(batches.view_params.cpu().numpy().tobytes()).hexdigest()
+    parts = {"teacher": teacher_sha, "data": data_fingerprint, "view_params": views,
+             "augment": asdict(batches.augment) if batches.augment else None, "precision": precision, "format": 2}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -71,9 +76,10 @@ class TeacherLogitCache:
         return self.logits[:, batch.view, batch.index]
 
 
-def cache_paths(checkpoints: list[Path], batches: Batches, cache_dir: Path) -> list[Path]:
+def cache_paths(checkpoints: list[Path], batches: Batches, precision: Precision, cache_dir: Path) -> list[Path]:
     data = split_fingerprint(batches)
-    return [Path(cache_dir) / f"{cache_key(file_sha256(c), data, batches)}.safetensors" for c in checkpoints]
+    return [Path(cache_dir) / f"{cache_key(file_sha256(c), data, batches, precision.name)}.safetensors"
+            for c in checkpoints]
 
 
 def load_or_build_cache(teachers: list[nn.Module], paths: list[Path], batches: Batches,

@@ -268,10 +268,6 @@ def apply_augment(x: torch.Tensor, spec: AugmentSpec, params: torch.Tensor) -> t
     return x
 
 
-def augment_batch(x: torch.Tensor, spec: AugmentSpec, generator: torch.Generator) -> torch.Tensor:
-    return apply_augment(x, spec, sample_augment_params(len(x), spec, generator, x.device))
-
-
 class Batch(NamedTuple):
     x: torch.Tensor  # float images in [0, 1], (B, C, H, W)
     y: torch.Tensor  # labels (B,)
@@ -279,12 +275,16 @@ class Batch(NamedTuple):
     view: torch.Tensor | None  # which pooled view of each image (B,), when a view pool is used
 
 
-def _generator(device, *seeds: int) -> torch.Generator:
-    """A generator seeded from several integers (seed, epoch, stream...), the same on every run."""
+def _generator(*seeds: int) -> torch.Generator:
+    """A CPU generator seeded from several integers (seed, epoch, stream...), the same on every run.
+
+    Always on the CPU: CUDA's generator (Philox) draws other numbers than the CPU's (mt19937) for the
+    same seed, and a run's shuffling, crops and cached view pool must not depend on its device.
+    """
     combined = 0
     for value in seeds:
         combined = (combined * 1_000_003 + value) % (2 ** 63)
-    g = torch.Generator(device=device)
+    g = torch.Generator()
     g.manual_seed(combined)
     return g
 
@@ -325,8 +325,8 @@ class Batches:
         n = len(self.split)
         if self.augment is None:
             return torch.zeros((1, n, 3), dtype=torch.long, device=self.device)
-        return torch.stack([sample_augment_params(n, self.augment, _generator(self.device, self.pool_seed, v),
-                                                  self.device) for v in range(views)])
+        return torch.stack([sample_augment_params(n, self.augment, _generator(self.pool_seed, v), "cpu")
+                            for v in range(views)]).to(self.device)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -343,17 +343,24 @@ class Batches:
 
     def __iter__(self) -> Iterator[Batch]:
         n = len(self.split)
-        order = (torch.randperm(n, generator=_generator(self.device, self.seed, self.epoch, 0), device=self.device)
-                 if self.shuffle else torch.arange(n, device=self.device))
-        aug_gen = _generator(self.device, self.seed, self.epoch, 1)
-        chosen = None
-        if self.view_params is not None:
-            chosen = torch.randint(0, len(self.view_params), (n,), generator=aug_gen, device=self.device)
-        for idx in self._shard(order):
-            yield self.batch(idx, None if chosen is None else chosen[idx], aug_gen)
+        order = torch.randperm(n, generator=_generator(self.seed, self.epoch, 0)) if self.shuffle else torch.arange(n)
+        aug_gen = _generator(self.seed, self.epoch, 1)
+        chosen = None if self.view_params is None else torch.randint(0, self.num_views, (n,), generator=aug_gen)
+        for global_batch in self._global_batches(order):
+            mine = self._share(len(global_batch))
+            idx = global_batch[mine].to(self.device)
+            if chosen is not None:
+                yield self.batch(idx, chosen[global_batch[mine]].to(self.device))
+            elif self.augment is not None:
+                # drawn for the whole global batch, so each process augments its images differently
+                # and the processes together augment exactly as one process would
+                params = sample_augment_params(len(global_batch), self.augment, aug_gen, "cpu")[mine]
+                yield self._make_batch(idx, params.to(self.device), None)
+            else:
+                yield self._make_batch(idx, None, None)
 
-    def _shard(self, order: torch.Tensor) -> Iterator[torch.Tensor]:
-        """This process's part of each global batch (batch_size x world_size images).
+    def _global_batches(self, order: torch.Tensor) -> Iterator[torch.Tensor]:
+        """Each global batch (batch_size x world_size images) of `order`.
 
         With several processes the order is padded by wrapping around to a multiple of the world
         size (as DistributedSampler does), so every process takes the same number of equal steps
@@ -363,16 +370,20 @@ class Batches:
             order = torch.cat([order, order[:(-len(order)) % self.world_size]])
         step = self.batch_size * self.world_size
         for start in self._batch_starts(len(order)):
-            global_batch = order[start:start + step]
-            share = len(global_batch) // self.world_size
-            yield global_batch[self.rank * share:(self.rank + 1) * share]
+            yield order[start:start + step]
 
-    def batch(self, idx: torch.Tensor, view: torch.Tensor | None = None,
-              generator: torch.Generator | None = None) -> Batch:
-        """The images at `idx` (pooled view `view` of each, or a fresh augmentation from `generator`)."""
+    def _share(self, global_size: int) -> slice:
+        """This process's part of a global batch of `global_size` images."""
+        share = global_size // self.world_size
+        return slice(self.rank * share, (self.rank + 1) * share)
+
+    def batch(self, idx: torch.Tensor, view: torch.Tensor | None = None) -> Batch:
+        """The images at `idx`: pooled view `view` of each, or un-augmented without views."""
+        params = self.view_params[view, idx] if self.augment is not None and view is not None else None
+        return self._make_batch(idx, params, view)
+
+    def _make_batch(self, idx: torch.Tensor, params: torch.Tensor | None, view: torch.Tensor | None) -> Batch:
         x = self.split.images[idx]
-        if self.augment is not None and view is not None:
-            x = apply_augment(x, self.augment, self.view_params[view, idx])
-        elif self.augment is not None and generator is not None:
-            x = augment_batch(x, self.augment, generator)
+        if params is not None:
+            x = apply_augment(x, self.augment, params)
         return Batch(x.float().div_(255.0), self.split.labels[idx], idx, view)

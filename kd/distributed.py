@@ -14,7 +14,11 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-# Rank 0 may train missing teachers while the others wait at a barrier: allow hours, not minutes.
+from kd.errors import UserError
+
+# Rank 0 may train missing teachers while the others wait at a barrier: allow hours, not minutes. A
+# process that fails does not leave the others waiting that long: see main_process_first, and a peer
+# that exits breaks gloo's connections at once (torchrun stops the rest of an NCCL job).
 BARRIER_TIMEOUT = timedelta(hours=12)
 
 
@@ -69,19 +73,27 @@ def broadcast(value):
     return box[0]
 
 
-def barrier() -> None:
-    if active():
-        dist.barrier()
-
-
 @contextmanager
 def main_process_first(world: World):
-    """Rank 0 runs the block first (training teachers, building caches), then the others reuse its files."""
+    """Rank 0 runs the block first (training teachers, building caches), then the others reuse its files.
+
+    Rank 0 ends the block by broadcasting how it went, so when it fails (a missing teacher, a full
+    disk, a bad config) the waiting processes stop at once with its error instead of waiting out the
+    collective timeout.
+    """
     if not world.is_main:
-        barrier()
-    yield
-    if world.is_main:
-        barrier()
+        failure = broadcast(None)
+        if failure is not None:
+            raise UserError(f"process 0 failed: {failure}")
+        yield
+        return
+    try:
+        yield
+    except BaseException as err:
+        if active():
+            broadcast(str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}")
+        raise
+    broadcast(None)
 
 
 def shutdown() -> None:

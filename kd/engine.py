@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -82,10 +83,12 @@ class Precision:
 
 
 def select_precision(device: torch.device, amp: bool) -> Precision:
-    """Mixed precision on CUDA only: bf16 where supported, else fp16 with loss scaling."""
+    """Mixed precision on CUDA only: bf16 where the GPU runs it natively (Ampere and newer), else fp16
+    with loss scaling."""
     if not amp or device.type != "cuda":
         return Precision(device, None)
-    return Precision(device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)  # emulated bf16 is slower than fp16
+    return Precision(device, torch.bfloat16 if native_bf16 else torch.float16)
 
 
 TeacherLogits = Callable[[Batch], torch.Tensor]  # a batch -> the teachers' logits (K, B, C)
@@ -99,11 +102,16 @@ def online_teachers(ensemble: nn.Module) -> TeacherLogits:
 def train_one_epoch(model: nn.Module, batches: Iterable[Batch], optimizer: torch.optim.Optimizer,
                     criterion: KDLoss, precision: Precision, teachers: TeacherLogits | None = None,
                     desc: str = "train") -> dict[str, float]:
-    """One pass over `batches`; returns sample-mean loss, ce, kd, accuracy and teacher weights."""
+    """One pass over `batches`; returns sample-mean loss, ce, kd, accuracy and teacher weights over the
+    steps whose loss was finite, and how many steps were not (`skipped`).
+
+    A non-finite step is left out of the means rather than poisoning them: under fp16 the GradScaler
+    skips such a step's update and lowers its scale, which is how mixed precision is meant to recover.
+    """
     model.train()
     use_teachers = teachers is not None and criterion.uses_teachers
-    sums = torch.zeros(4, device=precision.device)  # loss, ce, kd, correct (sample-weighted)
-    weight_sum, count = None, 0
+    sums = torch.zeros(4, device=precision.device)  # loss, ce, kd, correct (sample-weighted, finite steps)
+    weight_sum, count = None, torch.zeros(2, device=precision.device)  # images in finite steps, skipped steps
     for batch in tqdm(batches, desc=desc, leave=False, dynamic_ncols=True):
         x, y = batch.x, batch.y
         with precision.autocast():
@@ -114,17 +122,19 @@ def train_one_epoch(model: nn.Module, batches: Iterable[Batch], optimizer: torch
         precision.scaler.scale(parts.total).backward()
         precision.scaler.step(optimizer)
         precision.scaler.update()
-        n = len(y)
+        n = torch.isfinite(parts.total.detach()).float() * len(y)  # 0 for a non-finite step; no sync
         correct = (logits.argmax(dim=1) == y).sum()
-        sums += torch.stack([parts.total.detach() * n, parts.ce * n, parts.kd * n, correct.float()])
+        step = torch.stack([parts.total.detach(), parts.ce, parts.kd, correct.float() / len(y)])
+        sums += torch.where(n > 0, step * n, 0.0)
         if weights is not None:
-            weight_sum = weights * n if weight_sum is None else weight_sum + weights * n
-        count += n
-    count = reduce_sum(torch.tensor(float(count), device=precision.device))
-    loss, ce, kd, correct = (reduce_sum(sums) / count.clamp(min=1)).tolist()
-    result = {"loss": loss, "ce": ce, "kd": kd, "acc": correct}
+            weighted = torch.where(n > 0, weights * n, 0.0)
+            weight_sum = weighted if weight_sum is None else weight_sum + weighted
+        count += torch.stack([n, (n == 0).float()])
+    images, skipped = reduce_sum(count).tolist()
+    loss, ce, kd, correct = (reduce_sum(sums) / max(images, 1)).tolist()
+    result = {"loss": loss if images else math.nan, "ce": ce, "kd": kd, "acc": correct, "skipped": int(skipped)}
     if weight_sum is not None:
-        result["teacher_weights"] = (reduce_sum(weight_sum) / count).tolist()
+        result["teacher_weights"] = (reduce_sum(weight_sum) / max(images, 1)).tolist()
     return result
 
 
@@ -162,9 +172,12 @@ def fit(model: nn.Module, train_batches, val_batches, *, optimizer, scheduler, c
         lr = optimizer.param_groups[0]["lr"]
         train = train_one_epoch(model, train_batches, optimizer, criterion, precision, teachers,
                                 desc=f"epoch {epoch + 1}/{epochs}")
-        if not np.isfinite(train["loss"]):
-            raise NonFiniteLoss(epoch + 1)
         val = evaluate(model, val_batches, precision)
+        if not (np.isfinite(train["loss"]) and np.isfinite(val["loss"])):  # no finite step, or broken weights
+            raise NonFiniteLoss(epoch + 1)
+        if train["skipped"]:
+            log.warning("epoch %d: %d training step(s) with a non-finite loss were skipped", epoch + 1,
+                        train["skipped"])
         scheduler.step()
         row = {"epoch": epoch + 1, "lr": lr, "train_loss": train["loss"], "train_ce": train["ce"],
                "train_kd": train["kd"], "train_acc": train["acc"], "val_loss": val["loss"],

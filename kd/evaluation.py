@@ -235,9 +235,12 @@ def score_models(config: TaskConfig, run: RunSelection, logits: dict, labels: to
 def score_ensemble(config: TaskConfig, settings: dict, logits: dict, labels: torch.Tensor,
                    student_pred: torch.Tensor, speeds: dict[str, Speed]) -> dict:
     names = [f"teacher {t.name}" for t in config.teachers]
+    # the run's --teacher_weights where it was given them, else the config's, as in training
+    fixed = settings.get("teacher_weights") or [t.weight for t in config.teachers]
     probs = ensemble_probabilities(torch.stack([logits[n] for n in names]), labels, settings["teacher_weighting"],
-                                   settings["temperature"], [t.weight for t in config.teachers])
+                                   settings["temperature"], fixed)
     return {"weighting": settings["teacher_weighting"], "temperature": settings["temperature"],
+            **({"weights": list(fixed)} if settings["teacher_weighting"] == "fixed" else {}),
             # the 'confidence' scheme weighs teachers by their loss on the true label: an optimistic number
             "weights_use_true_labels": settings["teacher_weighting"] == "confidence",
             "accuracy": m.accuracy(labels, probs.argmax(dim=1)),

@@ -8,11 +8,12 @@ speed-ups = student's throughput / the other's.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+from kd.checkpoint import atomic_write
 
 
 def _millions(params: int) -> str:
@@ -105,9 +106,6 @@ def run_streaming(command: Sequence[str], tail_bytes: int = 4096) -> tuple[int, 
 
 
 def write_json(data: dict, path: Path) -> None:
-    """Write through a temporary file and a rename, so a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    """Write through a temporary file and a rename (kd.checkpoint.atomic_write), so a reader never
+    sees half a file."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"))

@@ -31,14 +31,13 @@ from kd.cache import file_sha256
 from kd.checkpoint import atomic_write, load_weights
 from kd.config import TASK_CONFIGS, TaskConfig, load_task_config
 from kd.data import Batches, load_task_data
-from kd.engine import Precision, collect_logits, select_device
+from kd.engine import Precision, select_device
 from kd.errors import UserError
-from kd.losses import teacher_target
 from kd.plots import STYLE, label_ticks_apart
 from kd.report import write_json
 from kd.runs import run_name
 from kd.students import STUDENT_ARCHS, canonical_student_name
-from kd.teachers import load_teacher
+from kd.teachers import load_teacher, teacher_accuracies
 from kd.settings import TrainSettings
 from kd.training import EVAL_BATCH_SIZE, train_student
 
@@ -316,15 +315,11 @@ def score_teachers(task: TaskConfig, base: TrainSettings) -> dict:
     precision = Precision(device, None)
     test = load_task_data(task, base.data_dir).test
     batches = Batches(test, EVAL_BATCH_SIZE, device)
-    logits = {}
-    for spec in task.teachers:
-        logits[spec.name], labels = collect_logits(load_teacher(spec, task)[0].to(device), batches, precision)
-    ensemble = teacher_target(torch.stack(list(logits.values())), base.temperature).argmax(dim=1)
+    models = {spec.name: load_teacher(spec, task)[0].to(device) for spec in task.teachers}
+    teachers, ensemble = teacher_accuracies(models, batches, precision, base.temperature)
     return {"task": task.name, "temperature": base.temperature, "test_images": len(test), "device": base.device,
-            "teachers": {spec.name: {"arch": spec.arch, "test_acc": _accuracy(logits[spec.name].argmax(dim=1), labels)}
-                         for spec in task.teachers},
-            "ensemble": {"rule": "argmax of the mean over teachers of softmax(z / T)",
-                         "test_acc": _accuracy(ensemble, labels)}}
+            "teachers": {spec.name: {"arch": spec.arch, "test_acc": teachers[spec.name]} for spec in task.teachers},
+            "ensemble": {"rule": "argmax of the mean over teachers of softmax(z / T)", "test_acc": ensemble}}
 
 
 def _relative(path: Path) -> str:
@@ -333,10 +328,6 @@ def _relative(path: Path) -> str:
         return Path(path).resolve().relative_to(Path.cwd()).as_posix()
     except ValueError:
         return str(path)
-
-
-def _accuracy(predictions: torch.Tensor, labels: torch.Tensor) -> float:
-    return (predictions == labels).float().mean().item()
 
 
 def summarize(rows: list[dict]) -> dict[str, list[ArmStats]]:

@@ -9,7 +9,9 @@ import torch.nn as nn
 
 from kd.checkpoint import check_classes, load_state_into, load_weights
 from kd.config import TaskConfig, TeacherSpec
+from kd.engine import Precision, collect_logits
 from kd.errors import UserError
+from kd.losses import teacher_target
 from kd.models import Normalized, create_model
 
 
@@ -84,3 +86,19 @@ def load_teachers(task: TaskConfig) -> TeacherEnsemble:
     for spec in task.teachers:
         models[spec.name], metas[spec.name] = load_teacher(spec, task)
     return TeacherEnsemble(models, metas)
+
+
+def teacher_accuracies(models: dict[str, nn.Module], batches, precision: Precision,
+                    temperature: float) -> tuple[dict[str, float], float]:
+    """Accuracy of each teacher on `batches`, and of their uniform ensemble: the argmax of the mean over
+    teachers of softmax(z / T), the target a uniform KD run distils."""
+    logits, labels = {}, None
+    for name, model in models.items():
+        logits[name], labels = collect_logits(model, batches, precision)
+    ensemble = teacher_target(torch.stack(list(logits.values())), temperature).argmax(dim=1)
+    return ({name: _accuracy(z.argmax(dim=1), labels) for name, z in logits.items()},
+            _accuracy(ensemble, labels))
+
+
+def _accuracy(predictions: torch.Tensor, labels: torch.Tensor) -> float:
+    return (predictions == labels).float().mean().item()

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import platform
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Collection
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -30,7 +32,7 @@ from kd.models import count_parameters
 from kd.settings import TrainSettings
 from kd.runs import MetricsLog, create_run_dir, log_to_file, run_name, setup_logging, write_yaml
 from kd.students import STUDENT_ARCHS, build_student, canonical_student_name
-from kd.teachers import TeacherEnsemble, build_teacher, load_teachers
+from kd.teachers import TeacherEnsemble, build_teacher, load_teachers, teacher_accuracies
 
 log = logging.getLogger("kd")
 EVAL_BATCH_SIZE = 512
@@ -46,27 +48,23 @@ class Trainee:
     metadata: dict  # saved with the weights; val/test accuracy and epoch are added
 
 
-def train_student(settings: TrainSettings) -> Path:
+def train_student(settings: TrainSettings, given: Collection[str] | None = None) -> Path:
     """Distil the task's teachers into a student; returns the run folder.
 
     Missing teachers are trained first, each in its own run (see `ensure_teachers`). A run that
     fails before its first checkpoint leaves no folder behind. With `resume`, the run continues in
-    its own folder with the settings it was started with. Under torchrun every process trains its
-    shard of each batch; rank 0 alone logs and writes.
+    its own folder with the settings it was started with, except a larger `num_epochs` among the
+    `given` settings (the names set explicitly; default: those that differ from the defaults), which
+    trains on; the other given settings that differ from the run's are named in a warning. Under
+    torchrun every process trains its shard of each batch; rank 0 alone logs and writes.
     """
     resume_dir = find_resume_dir(settings) if settings.resume else None
+    ignored = []
     if resume_dir is not None:
-        settings = dataclasses.replace(read_run_settings(resume_dir), resume=str(resume_dir))
-    task = load_task_config(settings.task)
+        settings, ignored = resumed_settings(read_run_settings(resume_dir), settings, given, resume_dir)
     student_name = canonical_student_name(settings.student_model)
     settings = dataclasses.replace(settings, student_model=student_name)  # config.yaml keeps the canonical name
-    fixed_teacher_weights(settings.teacher_weights, task)  # wrong weights stop before any training
-    device = select_device(settings.device)
-    world = init_world(device)
-    try:
-        setup_logging(quiet=not world.is_main)
-        precision = select_precision(process_device(device, world), settings.amp)
-        data = load_task_data(task, settings.data_dir)
+    with _session(settings) as (task, data, precision, world):
         ensemble = ensure_teachers(task, data, precision, world, settings.teacher_epochs) if settings.alpha > 0 \
             else None
         run_dir = resume_dir or (create_run_dir(settings.output_dir, run_name(
@@ -74,8 +72,39 @@ def train_student(settings: TrainSettings) -> Path:
         trainee = Trainee("student", f"student {student_name}", partial(build_student, student_name, task),
                           _student_metadata(task, student_name, settings))
         run_dir = broadcast(run_dir)  # every process returns the run folder, not only rank 0
+        if ignored:
+            log.warning("--resume continues %s with the settings it was started with; ignored: %s", run_dir,
+                        "; ".join(ignored))
         run_training(run_dir, settings, task, trainee, precision, data, world, ensemble)
         return run_dir
+
+
+def train_teachers(settings: TrainSettings) -> Path:
+    """Train the task's missing teachers (each in its own resumable run) and report all of them;
+    returns the folder of the first teacher's checkpoint. train.py --teachers_only."""
+    with _session(settings) as (task, data, precision, world):
+        ensemble = ensure_teachers(task, data, precision, world, settings.teacher_epochs)
+        if world.is_main:
+            log_teachers(ensemble, task)
+            _, accuracy = teacher_accuracies(dict(zip(ensemble.names, ensemble.models)),
+                                          Batches(data.test, EVAL_BATCH_SIZE, precision.device), precision,
+                                          settings.temperature)
+            log.info("uniform ensemble (T = %g): test acc %.2f%%", settings.temperature, 100 * accuracy)
+        return task.teacher_checkpoint(task.teachers[0]).parent
+
+
+@contextmanager
+def _session(settings: TrainSettings):
+    """What every training command sets up first: the task, its data, the device and its precision,
+    and the process group under torchrun (shut down on the way out, whatever happens)."""
+    task = load_task_config(settings.task)
+    fixed_teacher_weights(settings.teacher_weights, task)  # wrong weights stop before any training
+    device = select_device(settings.device)
+    world = init_world(device)
+    try:
+        setup_logging(quiet=not world.is_main)
+        precision = select_precision(process_device(device, world), settings.amp)
+        yield task, load_task_data(task, settings.data_dir), precision, world
     finally:
         shutdown()
 
@@ -195,6 +224,27 @@ def _is_repeat_suffix(suffix: str) -> bool:
     return suffix == "" or (suffix.startswith("-") and suffix[1:].isdigit())
 
 
+RESUME_CHANGEABLE = ("num_epochs", "resume")  # what a resumed run takes from the command line
+
+
+def resumed_settings(saved: TrainSettings, requested: TrainSettings, given: Collection[str] | None,
+                     run_dir: Path) -> tuple[TrainSettings, list[str]]:
+    """The run's own settings, with a newly given num_epochs; and the other given settings that differ
+    from the run's, as 'flag value (run: value)' for the warning."""
+    fields = [f.name for f in dataclasses.fields(TrainSettings)]
+    defaults = TrainSettings()
+    given = [name for name in fields if (name in given if given is not None
+                                         else getattr(requested, name) != getattr(defaults, name))]
+    ignored = [f"--{name} {_flag_value(getattr(requested, name))} (run: {_flag_value(getattr(saved, name))})"
+               for name in given if name not in RESUME_CHANGEABLE and getattr(requested, name) != getattr(saved, name)]
+    epochs = requested.num_epochs if "num_epochs" in given else saved.num_epochs
+    return dataclasses.replace(saved, resume=str(run_dir), num_epochs=epochs), ignored
+
+
+def _flag_value(value) -> str:
+    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
 def read_run_settings(run_dir: Path) -> TrainSettings:
     try:
         saved = yaml.safe_load((run_dir / "config.yaml").read_text())["settings"]
@@ -237,7 +287,8 @@ def _train_in(run_dir: Path, settings: TrainSettings, task: TaskConfig, trainee:
         history = checkpoints.restore()
         if metrics:
             metrics.rewrite(history)
-        log.info("resuming %s after epoch %d", run_dir, checkpoints.epoch)
+        _extend_to(settings.num_epochs, run_dir, checkpoints, world)
+        log.info("resuming %s after epoch %d of %d", run_dir, checkpoints.epoch, settings.num_epochs)
 
     def after_epoch(row):
         if world.is_main:
@@ -262,10 +313,36 @@ def make_optimizer(settings: TrainSettings, parameters) -> torch.optim.Optimizer
 
 
 def make_scheduler(settings: TrainSettings, optimizer) -> torch.optim.lr_scheduler.LRScheduler:
-    """StepLR (--scheduler_step, --scheduler_gamma) or a cosine decay to zero over the run's epochs."""
+    """StepLR (--scheduler_step, --scheduler_gamma) or a cosine decay to zero over the run's epochs.
+
+    The cosine is written in closed form (a LambdaLR of the epoch), so a resumed run given more epochs
+    follows the longer cosine from where it stands instead of continuing the finished one.
+    """
     if settings.lr_schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.num_epochs)
+        total = settings.num_epochs
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 0.5 * (1 + math.cos(math.pi * epoch / total)))
     return torch.optim.lr_scheduler.StepLR(optimizer, settings.scheduler_step, settings.scheduler_gamma)
+
+
+def _extend_to(num_epochs: int, run_dir: Path, checkpoints: "RunCheckpoints", world: World) -> None:
+    """Resume with a changed epoch count: check it, set the restored optimizer's learning rate to the
+    schedule's value for the next epoch, and record the new count in config.yaml."""
+    if num_epochs < checkpoints.epoch:
+        raise UserError(f"{run_dir} has trained {checkpoints.epoch} epochs already; --num_epochs {num_epochs} "
+                        "would end before them (give a larger count to train on)")
+    scheduler = checkpoints.scheduler
+    if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        for group, base, factor in zip(checkpoints.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base * factor(scheduler.last_epoch)
+    if not world.is_main:
+        return
+    config_path = run_dir / "config.yaml"
+    config = yaml.safe_load(config_path.read_text())
+    if config["settings"]["num_epochs"] != num_epochs:
+        log.info("training %s on to %d epochs (it was started for %d)", run_dir, num_epochs,
+                 config["settings"]["num_epochs"])
+        config["settings"]["num_epochs"] = num_epochs
+        atomic_write(config_path, lambda tmp: write_yaml(config, Path(tmp)))
 
 
 def fixed_teacher_weights(weights, task: TaskConfig) -> list[float]:
@@ -299,7 +376,8 @@ def _teacher_source(settings: TrainSettings, task: TaskConfig, data: TaskData, e
         return batches(None), None
     if settings.teacher_cache != "off":
         pooled = batches(settings.teacher_cache_views)
-        paths = cache_paths([task.teacher_checkpoint(t) for t in task.teachers], pooled, Path(settings.cache_dir))
+        paths = cache_paths([task.teacher_checkpoint(t) for t in task.teachers], pooled, precision,
+                            Path(settings.cache_dir))
         if _use_cache(settings, pooled, paths, task.num_classes):
             return pooled, load_or_build_cache(list(ensemble.models), paths, pooled, precision)
     return batches(None), online_teachers(ensemble)
@@ -361,7 +439,10 @@ class RunCheckpoints:
         state = load_torch_checkpoint(self.run_dir / "checkpoint_last.pt")
         load_state_into(self.model, state["model"], f"{self.run_dir / 'checkpoint_last.pt'}")
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        scheduler_state = state["scheduler"]
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.LambdaLR):  # also an earlier release's cosine
+            scheduler_state = {"lr_lambdas": [None] * len(self.scheduler.lr_lambdas), **scheduler_state}
+        self.scheduler.load_state_dict(scheduler_state)
         self.precision.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         self.epoch, self.history = state["epoch"], state["history"]

@@ -1,12 +1,11 @@
-import sys
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from kd.config import parse_task_config  # noqa: E402
+from kd.config import parse_task_config
 
 
 @pytest.fixture(autouse=True)
@@ -30,6 +29,29 @@ def tiny_task_raw(checkpoint_dir: Path, classes=("a", "b", "c"), size=8) -> dict
              "checkpoint": str(checkpoint_dir / "mnv3.safetensors"), "recipe": {"epochs": 1, "batch_size": 16}},
         ],
     }
+
+
+def write_task(folder: Path, teachers: Path | None = None) -> Path:
+    """The tiny task over scikit-learn's digits at 8x8 as a config file in `folder`; its teachers
+    resolve to `folder`/teachers, where a copy of `teachers` (trained ones) is put when given."""
+    raw = tiny_task_raw(Path("teachers"))  # relative: resolves beside the config file
+    raw.update(classes=[str(i) for i in range(10)], data={"source": "digits", "input_size": 8, "channels": 1})
+    path = folder / "digits8.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    if teachers is not None:
+        shutil.copytree(teachers, folder / "teachers", dirs_exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_teachers(tmp_path_factory) -> Path:
+    """The tiny task's two teachers (1 epoch each with their recipes), trained once per test session:
+    the folder to hand to write_task."""
+    from kd.training import TrainSettings, train_teachers
+
+    folder = tmp_path_factory.mktemp("tiny_teachers")
+    torch.set_num_threads(2)
+    return train_teachers(TrainSettings(task=str(write_task(folder)), device="cpu"))
 
 
 @pytest.fixture

@@ -1,12 +1,15 @@
 import gzip
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from kd.config import AugmentSpec, load_task_config
-from kd.data import Batches, Split, _read_idx, augment_batch, load_task_data
+import kd.data
+from kd.config import AugmentSpec, load_task_config, parse_task_config
+from kd.data import Batches, Split, _read_idx, apply_augment, load_task_data, sample_augment_params
 from kd.errors import UserError
+from tests.conftest import tiny_task_raw
 
 
 def write_idx(path, array: np.ndarray, compress=True):
@@ -75,8 +78,8 @@ def test_missing_fashion_mnist_names_every_way_to_get_it(tmp_path, monkeypatch):
 
 def test_augmentation_is_a_shifted_crop_and_flip():
     x = torch.arange(2 * 1 * 4 * 4, dtype=torch.uint8).view(2, 1, 4, 4)
-    g = torch.Generator().manual_seed(0)
-    out = augment_batch(x, AugmentSpec(crop_padding=1, hflip=True), g)
+    spec = AugmentSpec(crop_padding=1, hflip=True)
+    out = apply_augment(x, spec, sample_augment_params(2, spec, torch.Generator().manual_seed(0), "cpu"))
     assert out.shape == x.shape
     for i in range(2):
         padded = torch.nn.functional.pad(x[i], (1, 1, 1, 1))
@@ -133,3 +136,35 @@ def test_shards_of_a_global_batch_make_up_the_single_process_batch():
         together = ranks[0][step] + ranks[1][step]
         assert len(ranks[0][step]) == len(ranks[1][step])
         assert together == batch or (step == 1 and together == batch + single[0][:1])  # padded by wrapping
+
+
+def test_processes_augment_their_shards_differently_and_together_as_one_process():
+    split = Split(torch.randint(0, 256, (16, 1, 6, 6), dtype=torch.uint8), torch.arange(16))
+    spec = AugmentSpec(crop_padding=2, hflip=True)
+    single = Batches(split, 8, "cpu", shuffle=True, augment=spec, seed=2)
+    ranks = [Batches(split, 4, "cpu", shuffle=True, augment=spec, seed=2, rank=r, world_size=2) for r in range(2)]
+    for whole, *shards in zip(single, *ranks):
+        assert torch.equal(torch.cat([s.x for s in shards]), whole.x)
+    # the same image at the same place in each process's shard would have got the same crop before
+    same = Split(split.images[:1].expand(16, 1, 6, 6).contiguous(), torch.arange(16))
+    first, second = (next(iter(Batches(same, 4, "cpu", augment=spec, seed=2, rank=r, world_size=2)))
+                     for r in range(2))
+    assert not torch.equal(first.x, second.x)
+
+
+def test_the_splits_are_disjoint_by_index_and_together_hold_every_image(monkeypatch):
+    """Each image carries its index in two pixels, so the splits can be told apart by index, not by
+    content (scikit-learn's digits hold duplicate images)."""
+    n = 1797
+    ids = np.arange(n)
+    images = np.zeros((n, 1, 2, 2), dtype=np.uint8)
+    images[:, 0, 0, 0], images[:, 0, 0, 1] = ids // 256, ids % 256
+    monkeypatch.setattr(kd.data, "_read_source", lambda task, data_dir: ({"train": (images, ids % 10)}, "ids"))
+    raw = tiny_task_raw(Path("teachers"), classes=[str(i) for i in range(10)], size=2)
+    raw["data"].update(test_size=0.2, val_size=0.15)
+    data = load_task_data(parse_task_config(raw, "ids"))
+    index = {name: set((split.images[:, 0, 0, 0].long() * 256 + split.images[:, 0, 0, 1].long()).tolist())
+             for name, split in (("train", data.train), ("val", data.val), ("test", data.test))}
+    assert [len(index[name]) for name in ("train", "val", "test")] == [1221, 216, 360]
+    assert not index["train"] & index["val"] and not index["train"] & index["test"] and not index["val"] & index["test"]
+    assert index["train"] | index["val"] | index["test"] == set(range(n))

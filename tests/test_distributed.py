@@ -3,6 +3,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -12,10 +13,11 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 from kd.data import Batches, Split
-from kd.distributed import init_world, shutdown
+from kd.distributed import init_world, main_process_first, reduce_sum, shutdown
 from kd.engine import Precision, train_one_epoch
+from kd.errors import UserError
 from kd.losses import KDLoss
-from tests.test_training import write_task
+from tests.conftest import write_task
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -75,6 +77,39 @@ def test_two_processes_take_the_same_steps_as_one_process_on_the_global_batch(tm
     for key in one:
         assert not torch.allclose(one[key], initial[key])  # it trained
         torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-6)
+
+
+def fail_on_rank_0(rank: int, port: int, where: str, out: str) -> None:
+    """Process `rank` of 2: rank 0 fails `where` ('first': in a main-process-first block, 'step': before
+    a gradient all-reduce the other process has entered); each records how it ended and when."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    world = init_world(torch.device("cpu"))
+    started = time.monotonic()
+    try:
+        with main_process_first(world):
+            if world.is_main and where == "first":
+                raise UserError("teacher checkpoint missing: teachers/x.safetensors")
+        if world.is_main and where == "step":
+            raise OSError(28, "No space left on device")
+        reduce_sum(torch.ones(1))
+        outcome = "finished"
+    except Exception as err:
+        outcome = f"{type(err).__name__}: {err}"
+    finally:
+        shutdown()
+    Path(out, f"rank{rank}.txt").write_text(f"{time.monotonic() - started:.1f}\n{outcome}")
+
+
+@pytest.mark.parametrize("where", ["first", "step"])
+def test_when_rank_0_fails_every_process_stops_at_once(tmp_path, where):
+    mp.spawn(fail_on_rank_0, args=(free_port(), where, str(tmp_path)), nprocs=2)
+    (seconds_0, outcome_0), (seconds_1, outcome_1) = (
+        (tmp_path / f"rank{r}.txt").read_text().split("\n", 1) for r in range(2))
+    assert float(seconds_0) < 60 and float(seconds_1) < 60  # not the collective timeout of hours
+    assert outcome_0 != "finished" and outcome_1 != "finished"
+    if where == "first":  # the waiting process reports rank 0's own error
+        assert outcome_1 == "UserError: process 0 failed: teacher checkpoint missing: teachers/x.safetensors"
 
 
 @pytest.mark.slow

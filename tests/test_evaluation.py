@@ -5,8 +5,10 @@ Everything runs on CPU with tiny models and synthetic or 8x8 digit images.
 
 import json
 import re
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +27,7 @@ from kd.report import build_summary, format_summary, last_line, task_row
 from kd.speed import Speed, SpeedSettings, measure_speed, sequential_speed
 from kd.students import build_student
 from kd.teachers import build_teacher
+from tests.conftest import with_random_head
 
 REPO = Path(__file__).resolve().parent.parent
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -88,10 +91,23 @@ def test_ensemble_uses_the_training_weighting():
 
 # --- speed ---------------------------------------------------------------------------------------
 
-def test_measure_speed_returns_positive_numbers_and_restores_threads():
+class Sleeper(nn.Module):
+    """A model that takes a known time: 10 ms per call plus 1 ms per image."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        time.sleep(0.010 + 0.001 * len(x))
+        return x
+
+
+def test_measure_speed_times_a_call_per_image_and_restores_threads():
     threads = torch.get_num_threads()
-    speed = measure_speed(nn.Conv2d(1, 2, 3), (1, 8, 8), SpeedSettings(warmup=1, runs=3, throughput_batch=4))
-    assert speed.latency_ms > 0 and speed.throughput > 0
+    speed = measure_speed(Sleeper(), (1, 4, 4), SpeedSettings(warmup=1, runs=3, throughput_batch=40))
+    assert speed.latency_ms == pytest.approx(11.0, rel=0.3)  # one image: 10 + 1 ms
+    assert speed.throughput == pytest.approx(40 / 0.050, rel=0.3)  # 40 images in 10 + 40 ms
     assert torch.get_num_threads() == threads
 
 
@@ -234,12 +250,12 @@ def fake_project(tmp_path_factory):
     config_path.write_text(yaml.safe_dump(config))
     task = load_task_config(str(config_path))
     torch.manual_seed(0)
-    student = build_student("MobileNetV3", task)
+    student = with_random_head(build_student("MobileNetV3", task))  # models that disagree
     meta = {"classes": list(task.classes), "epoch": 2, "val_acc": 0.5}
     run = root / "runs" / "TaskT_MobileNetV3_T2.0_a0.5"
     save_weights(student, run / "student.safetensors", meta)
     save_weights(student, twin_path, {"arch": "mobilenetv3_small_100"})
-    save_weights(build_teacher(task.teachers[1], task), other_path, {"arch": "test_resnet"})
+    save_weights(with_random_head(build_teacher(task.teachers[1], task)), other_path, {"arch": "test_resnet"})
     (run / "config.yaml").write_text(yaml.safe_dump(
         {"settings": {"task": str(config_path), "student_model": "MobileNetV3", "temperature": 2.0, "alpha": 0.5,
                       "teacher_weighting": "entropy", "data_dir": None}, "task": {"name": "T"}}))
@@ -275,6 +291,23 @@ def test_evaluate_task_writes_metrics_and_figures_and_leaves_the_run_alone(fake_
     assert saved["ensemble"]["weighting"] == "entropy"
     assert saved["ensemble"]["params"] == twin["params"] + saved["teachers"]["other"]["params"]
     assert result["student"]["accuracy"] == student["accuracy"]
+
+
+def test_the_ensemble_is_weighted_with_the_runs_own_teacher_weights(fake_project, tmp_path):
+    """A run trained with --teacher_weighting fixed --teacher_weights 1 0 learned from the first teacher
+    alone; its evaluation's ensemble is that teacher (here the student's twin), not the config's mix."""
+    run = tmp_path / "runs" / fake_project["run"].name
+    shutil.copytree(fake_project["run"], run)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["settings"].update(teacher_weighting="fixed", teacher_weights=[1.0, 0.0])
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    saved = evaluate_task(fake_project["config"], device="cpu", output_dir=tmp_path / "out", runs_root=run.parent,
+                          speed=SpeedSettings(warmup=0, runs=1, throughput_batch=4))
+    ensemble, twin = saved["ensemble"], saved["teachers"]["twin"]
+    # equal up to a near-tie between classes (twin and student run in different memory formats)
+    assert ensemble["weights"] == [1.0, 0.0] and ensemble["agreement_with_student"] >= 359 / 360
+    assert ensemble["accuracy"] == pytest.approx(twin["accuracy"], abs=1 / 360)
+    assert saved["teachers"]["other"]["agreement_with_student"] < 0.9  # so a mix would not agree
 
 
 def test_evaluate_task_explains_a_missing_run_or_teacher(fake_project, tmp_path):

@@ -1,3 +1,4 @@
+import csv
 import random
 import signal
 import subprocess
@@ -6,9 +7,12 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from kd.checkpoint import load_torch_checkpoint
-from tests.test_training import write_task
+from kd.errors import UserError
+from kd.training import TrainSettings, train_student
+from tests.conftest import write_task
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,9 +39,9 @@ def assert_same_run(a: Path, b: Path) -> None:
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_bit_for_bit(tmp_path):
-    config = write_task(tmp_path)
-    reference = run(train_command(config, tmp_path / "ref", tmp_path / "cache"))  # also trains the teachers
+def test_killed_run_resumes_bit_for_bit(tmp_path, tiny_teachers):
+    config = write_task(tmp_path, tiny_teachers)
+    reference = run(train_command(config, tmp_path / "ref", tmp_path / "cache"))
     again = run(train_command(config, tmp_path / "again", tmp_path / "cache"))
     assert_same_run(reference, again)  # same seed and flags on CPU: identical metrics and weights
 
@@ -46,7 +50,7 @@ def test_killed_run_resumes_bit_for_bit(tmp_path):
     deadline = time.monotonic() + 300
     while not list((tmp_path / "killed").glob("*/checkpoint_last.pt")) and time.monotonic() < deadline:
         time.sleep(0.05)
-    time.sleep(random.uniform(0.0, 1.5))  # somewhere in the epochs that follow
+    time.sleep(random.uniform(0.0, 0.2))  # in the epochs that follow: 3 epochs take seconds, not 0.2 s
     process.send_signal(signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL, "the run ended before it could be killed"
     killed_dir = next((tmp_path / "killed").iterdir())
@@ -55,18 +59,74 @@ def test_killed_run_resumes_bit_for_bit(tmp_path):
     assert_same_run(reference, resumed)
 
 
+def signal_when(command: list[str], ready, sig: int, log: Path) -> tuple[int, str]:
+    """Start `command` with its output in `log` (a file: a pipe nobody reads can fill up and stall the
+    run), send `sig` once `ready()` holds, and return the exit status and the output."""
+    with log.open("w") as out:
+        process = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 300
+        while not ready():
+            assert process.poll() is None, f"the run ended before the signal:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"not ready after 300 s:\n{log.read_text()[-3000:]}"
+            time.sleep(0.01)
+        process.send_signal(sig)
+        try:
+            code = process.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise AssertionError(f"still running 120 s after the signal:\n{log.read_text()[-3000:]}") from None
+    return code, log.read_text()
+
+
 @pytest.mark.slow
-def test_ctrl_c_keeps_the_last_epoch_and_says_how_to_resume(tmp_path):
-    config = write_task(tmp_path)
+def test_ctrl_c_keeps_the_last_epoch_and_says_how_to_resume(tmp_path, tiny_teachers):
+    config = write_task(tmp_path, tiny_teachers)
     # 100 epochs: the run cannot finish before the signal arrives, however fast the machine.
-    process = subprocess.Popen(train_command(config, tmp_path / "runs", tmp_path / "cache", "--num_epochs", "100"),
-                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while not list((tmp_path / "runs").glob("*/checkpoint_last.pt")) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=120)
+    code, out = signal_when(train_command(config, tmp_path / "runs", tmp_path / "cache", "--num_epochs", "100"),
+                            lambda: list((tmp_path / "runs").glob("*/checkpoint_last.pt")), signal.SIGINT,
+                            tmp_path / "out.log")
     run_dir = next((tmp_path / "runs").iterdir())
-    assert process.returncode == 130 and "Traceback" not in err
-    assert f"python train.py --resume {run_dir}" in err
+    assert code == 130 and "Traceback" not in out
+    assert f"python train.py --resume {run_dir}" in out
+    assert load_torch_checkpoint(run_dir / "checkpoint_last.pt")["epoch"] >= 1
+
+
+def test_resume_with_more_epochs_trains_on_along_the_longer_cosine_and_names_ignored_flags(tmp_path):
+    config = write_task(tmp_path)
+    base = [sys.executable, "train.py", "--config", str(config), "--alpha", "0", "--student_model", "MobileNetV3",
+            "--batch_size", "128", "--device", "cpu", "--lr_schedule", "cosine", "--lr", "0.004",
+            "--output_dir", str(tmp_path / "runs")]
+    run_dir = run(base + ["--num_epochs", "2"])
+    result = subprocess.run(base + ["--num_epochs", "4", "--lr", "0.5", "--resume", str(run_dir)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    warnings = [line for line in result.stderr.splitlines() if "ignored:" in line]
+    assert len(warnings) == 1 and "--lr 0.5 (run: 0.004)" in warnings[0] and "num_epochs" not in warnings[0]
+    rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
+    # epochs 3 and 4 follow the cosine over 4 epochs: lr x 0.5 (1 + cos(pi e / 4)) for e = 2, 3
+    assert [float(r["lr"]) for r in rows[2:]] == pytest.approx([0.004 * 0.5, 0.004 * 0.5 * (1 - 0.5 ** 0.5)])
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["settings"]["num_epochs"] == 4
+
+    shorter = TrainSettings(task=str(config), num_epochs=3, resume=str(run_dir))
+    with pytest.raises(UserError, match="has trained 4 epochs already; --num_epochs 3"):
+        train_student(shorter, given={"num_epochs", "resume"})
+    assert len(list(csv.DictReader((run_dir / "metrics.csv").open()))) == 4
+
+
+@pytest.mark.slow
+def test_sigterm_stops_like_ctrl_c_with_status_143(tmp_path, tiny_teachers):
+    config = write_task(tmp_path, tiny_teachers)
+    # config.yaml is written before the teacher-logit cache is built: well before the first epoch ends
+    code, out = signal_when(train_command(config, tmp_path / "early", tmp_path / "cache"),
+                            lambda: list((tmp_path / "early").glob("*/config.yaml")), signal.SIGTERM,
+                            tmp_path / "early.log")
+    assert code == 143 and "Traceback" not in out
+    assert not any((tmp_path / "early").iterdir())  # stopped before its first epoch: nothing left
+
+    code, out = signal_when(train_command(config, tmp_path / "late", tmp_path / "cache", "--num_epochs", "100"),
+                            lambda: list((tmp_path / "late").glob("*/checkpoint_last.pt")), signal.SIGTERM,
+                            tmp_path / "late.log")
+    run_dir = next((tmp_path / "late").iterdir())
+    assert code == 143 and f"python train.py --resume {run_dir}" in out
     assert load_torch_checkpoint(run_dir / "checkpoint_last.pt")["epoch"] >= 1

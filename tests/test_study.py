@@ -5,16 +5,19 @@ import statistics
 from pathlib import Path
 
 import pytest
+import torch
 import torch.nn as nn
-import yaml
 
 import kd.study
 from kd.checkpoint import load_weights, save_weights
 from kd.study import (budget_settings, finished_runs, parse_overrides, remove_interrupted_runs,
                       summarize, verdict)
+from kd.config import load_task_config
+from kd.data import load_task_data
 from kd.errors import UserError
+from kd.teachers import load_teacher
 from kd.training import TrainSettings
-from tests.conftest import tiny_task_raw
+from tests.conftest import write_task
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -24,14 +27,6 @@ def load_script():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def write_task(tmp_path: Path) -> Path:
-    raw = tiny_task_raw(Path("teachers"))  # relative: resolves beside the config file; recipes of 1 epoch
-    raw.update(classes=[str(i) for i in range(10)], data={"source": "digits", "input_size": 8, "channels": 1})
-    path = tmp_path / "digits8.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
 
 
 def row(student, arm, seed, acc, **extra):
@@ -118,9 +113,9 @@ def test_bad_input_exits_with_one_line(argv, code, words, capsys):
     assert len(err.splitlines()) == 1 and words in err
 
 
-def test_study_records_summarises_and_resumes(tmp_path, capsys, monkeypatch):
+def test_study_records_summarises_and_resumes(tmp_path, tiny_teachers, capsys, monkeypatch):
     out = tmp_path / "study"
-    argv = ["--config", str(write_task(tmp_path)), "--students", "mobilenetv3", "--seeds", "1", "2",
+    argv = ["--config", str(write_task(tmp_path, tiny_teachers)), "--students", "mobilenetv3", "--seeds", "1", "2",
             "--arms", "alpha0", "uniform", "--num_epochs", "1", "--batch_size", "64", "--lr", "0.01", "--alpha", "0.5",
             "--device", "cpu", "--set", f"cache_dir={tmp_path / 'cache'}", "teacher_cache_views=2",
             "--output", str(out)]
@@ -136,7 +131,7 @@ def test_study_records_summarises_and_resumes(tmp_path, capsys, monkeypatch):
         assert float(r["test_acc"]) == meta["test_acc"] and float(r["val_acc"]) == meta["val_acc"]
         assert r["student"] == "MobileNetV3" and r["epochs"] == "1" and float(r["alpha"]) == (
             0.0 if r["arm"] == "alpha0" else 0.5)
-    assert [r["built"] for r in rows if r["arm"] == "uniform"] == ["teachers cache", ""]
+    assert [r["built"] for r in rows if r["arm"] == "uniform"] == ["cache", ""]  # the teachers were there
 
     acc = {(r["arm"], int(r["seed"])): 100 * float(r["test_acc"]) for r in rows}
     summary = (out / "summary.md").read_text()
@@ -144,7 +139,14 @@ def test_study_records_summarises_and_resumes(tmp_path, capsys, monkeypatch):
         assert f"s{seed} {acc['uniform', seed] - acc['alpha0', seed]:+.2f}" in summary
     assert f"| uniform | {statistics.fmean([acc['uniform', 1], acc['uniform', 2]]):.2f} ± " in summary
     teachers = json.loads((out / "teachers.json").read_text())
-    assert set(teachers["teachers"]) == {"resnet", "mobile"} and 0 <= teachers["ensemble"]["test_acc"] <= 1
+    assert set(teachers["teachers"]) == {"resnet", "mobile"}
+    task = load_task_config(argv[1])
+    test = load_task_data(task).test
+    with torch.no_grad():  # the ensemble's rule, computed here from the teachers' outputs
+        probs = sum((load_teacher(spec, task)[0].eval()(test.images.float() / 255) / 2.0).softmax(dim=1)
+                    for spec in task.teachers)
+    expected = (probs.argmax(dim=1) == test.labels).float().mean().item()
+    assert teachers["ensemble"]["test_acc"] == pytest.approx(expected, abs=1e-6)
     assert f"{100 * teachers['ensemble']['test_acc']:.2f}%" in summary
     assert "epochs 1," in summary and "kd_study.py --config" in summary
     assert (out / "study.png").stat().st_size > 0

@@ -1,6 +1,7 @@
 import csv
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -8,15 +9,17 @@ import torch
 import yaml
 
 from kd.checkpoint import load_torch_checkpoint, load_weights
-from kd.data import Batches, Split
-from kd.engine import Precision, fit, online_teachers, select_device
+from kd.config import load_task_config
+from kd.data import Batches, Split, load_task_data
+from kd.engine import Precision, evaluate, fit, online_teachers, select_device, select_precision
 from kd.errors import UserError
 from kd.losses import KDLoss
 from kd.models import create_model
+from kd.students import build_student
 from kd.runs import create_run_dir, run_name
 from kd.teachers import TeacherEnsemble
 from kd.training import TrainSettings, train_student
-from tests.conftest import tiny_task_raw
+from tests.conftest import write_task
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,17 +50,9 @@ def test_short_kd_training_on_synthetic_data_lowers_the_loss():
     assert all(abs(r["w_a"] - 0.5) < 1e-6 for r in rows)
 
 
-def write_task(tmp_path: Path) -> Path:
-    raw = tiny_task_raw(Path("teachers"))  # relative: resolves beside the config file
-    raw.update(classes=[str(i) for i in range(10)], data={"source": "digits", "input_size": 8, "channels": 1})
-    path = tmp_path / "digits8.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
-
-
 @pytest.fixture
-def trained_run(tmp_path):
-    settings = TrainSettings(task=str(write_task(tmp_path)), num_epochs=2, batch_size=64, alpha=0.5,
+def trained_run(tmp_path, tiny_teachers):
+    settings = TrainSettings(task=str(write_task(tmp_path, tiny_teachers)), num_epochs=2, batch_size=64, alpha=0.5,
                              student_model="mobilenetv3", device="cpu", output_dir=str(tmp_path / "runs"),
                              teacher_epochs=1, run="t", teacher_cache="on", teacher_cache_views=2,
                              cache_dir=str(tmp_path / "cache"))
@@ -78,8 +73,12 @@ def test_training_writes_a_complete_run_folder(trained_run, tmp_path):
     assert config["settings"]["alpha"] == 0.5 and config["task"]["name"] == "T"
     last = load_torch_checkpoint(run_dir / "checkpoint_last.pt")
     assert last["epoch"] == 2 and {"optimizer", "scheduler", "scaler"} <= set(last)
-    _, meta = load_weights(run_dir / "student.safetensors")
-    assert meta["student"] == "MobileNetV3" and 0 <= meta["test_acc"] <= 1
+    state, meta = load_weights(run_dir / "student.safetensors")
+    task = load_task_config(settings.task)
+    student = build_student("MobileNetV3", task)
+    student.load_state_dict(state)
+    measured = evaluate(student, Batches(load_task_data(task).test, 256, "cpu"), Precision(torch.device("cpu"), None))
+    assert meta["student"] == "MobileNetV3" and meta["test_acc"] == pytest.approx(measured["acc"], abs=1e-6)
     for teacher in ("resnet10t", "mnv3"):
         _, teacher_meta = load_weights(tmp_path / "teachers" / f"{teacher}.safetensors")
         assert {"val_acc", "test_acc", "arch", "classes"} <= set(teacher_meta)
@@ -110,9 +109,9 @@ def test_unavailable_device_is_a_user_error():
 
 
 @pytest.mark.slow
-def test_train_script_end_to_end(tmp_path):
+def test_train_script_end_to_end(tmp_path, tiny_teachers):
     """The real command line on a config file: the run folder is the last line printed."""
-    config = write_task(tmp_path)
+    config = write_task(tmp_path, tiny_teachers)
     result = subprocess.run(
         [sys.executable, "train.py", "--config", str(config), "--num_epochs", "1", "--teacher_epochs", "1",
          "--student_model", "resnet18", "--alpha", "0.6", "--output_dir", str(tmp_path / "runs"), "--device", "cpu"],
@@ -120,6 +119,18 @@ def test_train_script_end_to_end(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     run_dir = Path(result.stdout.strip().splitlines()[-1])
     assert run_dir.name == "TaskT_ResNet18_T2.0_a0.6" and (run_dir / "student.safetensors").is_file()
+
+
+def test_teachers_only_reports_each_teacher_and_their_ensemble_and_trains_no_student(tmp_path, tiny_teachers):
+    config = write_task(tmp_path, tiny_teachers)
+    result = subprocess.run([sys.executable, "train.py", "--config", str(config), "--teachers_only", "--device", "cpu",
+                             "--output_dir", str(tmp_path / "runs")], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert Path(result.stdout.strip().splitlines()[-1]) == tmp_path / "teachers"
+    assert "teacher resnet" in result.stderr and "teacher mobile" in result.stderr
+    assert "uniform ensemble (T = 2): test acc" in result.stderr
+    assert not (tmp_path / "runs").exists()
 
 
 def test_a_non_finite_loss_stops_with_advice_and_keeps_earlier_epochs():
@@ -138,6 +149,72 @@ def test_a_non_finite_loss_stops_with_advice_and_keeps_earlier_epochs():
             optimizer=optimizer, scheduler=torch.optim.lr_scheduler.StepLR(optimizer, 10), criterion=KDLoss(2.0, 0.0),
             epochs=3, precision=Precision(torch.device("cpu"), None), on_epoch=poison)
     assert [r["epoch"] for r in rows] == [1]
+
+
+class OverflowOnCalls(torch.nn.Module):
+    """A model whose logits overflow float16 on the given forward calls (1-based), as a too-large
+    activation does under fp16 autocast."""
+
+    def __init__(self, model: torch.nn.Module, calls: set[int]):
+        super().__init__()
+        self.model, self.calls, self.count = model, calls, 0
+
+    def forward(self, x):
+        self.count += 1 if self.training else 0
+        logits = self.model(x)
+        return logits * 1e6 if self.count in self.calls else logits  # beyond float16's 65504
+
+
+def test_an_fp16_step_that_overflows_is_skipped_by_the_scaler_and_training_goes_on():
+    torch.manual_seed(0)
+    model = OverflowOnCalls(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3)), {2})
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    updates = []
+    optimizer.register_step_post_hook(lambda *_: updates.append(model.count))
+    precision = Precision(torch.device("cpu"), torch.float16)
+    scale = precision.scaler.get_scale()
+    rows = fit(model, Batches(synthetic_split(48, 0), 16, "cpu"), Batches(synthetic_split(16, 1), 16, "cpu"),
+               optimizer=optimizer, scheduler=torch.optim.lr_scheduler.StepLR(optimizer, 10),
+               criterion=KDLoss(2.0, 0.0), epochs=2, precision=precision)
+    assert updates == [1, 3, 4, 5, 6]  # the overflowing step 2 changed no weight
+    assert precision.scaler.get_scale() < scale and all(torch.isfinite(torch.tensor(r["train_loss"])) for r in rows)
+
+
+def test_a_loss_that_stays_non_finite_under_fp16_stops_the_run():
+    model = OverflowOnCalls(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3)), set(range(1, 100)))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(UserError, match="NaN or infinite in epoch 1"):
+        fit(model, Batches(synthetic_split(48, 0), 16, "cpu"), Batches(synthetic_split(16, 1), 16, "cpu"),
+            optimizer=optimizer, scheduler=torch.optim.lr_scheduler.StepLR(optimizer, 10),
+            criterion=KDLoss(2.0, 0.0), epochs=2, precision=Precision(torch.device("cpu"), torch.float16))
+
+
+def test_the_mixed_precision_path_trains_in_bfloat16_on_the_cpu():
+    """CPU autocast runs the code path CUDA's bf16 takes: the student's layers compute in bfloat16, the
+    loss is taken in float32, and the model learns."""
+    torch.manual_seed(0)
+    nn = torch.nn  # a small convnet: bf16 convolutions are slow on CPUs without bf16 units
+    model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.AdaptiveAvgPool2d((1, 3)),
+                          nn.Flatten(), nn.Linear(48, 3))
+    dtypes = set()
+    model[-1].register_forward_hook(lambda module, args, out: dtypes.add(out.dtype))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    train, val = Batches(synthetic_split(96, 0), 16, "cpu", shuffle=True), Batches(synthetic_split(48, 1), 48, "cpu")
+    rows = fit(model, train, val, optimizer=optimizer, scheduler=torch.optim.lr_scheduler.StepLR(optimizer, 10),
+               criterion=KDLoss(2.0, 0.0), epochs=5, precision=Precision(torch.device("cpu"), torch.bfloat16))
+    assert dtypes == {torch.bfloat16}
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"] and rows[-1]["val_acc"] > 0.6
+
+
+@pytest.mark.parametrize("native, expected", [(True, torch.bfloat16), (False, torch.float16)])
+def test_cuda_autocasts_to_bf16_only_where_the_gpu_runs_it_natively(monkeypatch, native, expected):
+    """Pre-Ampere GPUs report bf16 support through emulation, which is slower than fp16 with a scaler."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native or including_emulation)
+    with warnings.catch_warnings():  # the GradScaler warns that this machine has no CUDA
+        warnings.simplefilter("ignore")
+        precision = select_precision(torch.device("cuda"), amp=True)
+    assert precision.dtype == expected
+    assert select_precision(torch.device("cuda"), amp=False).dtype is None
 
 
 def test_out_of_memory_suggests_a_smaller_batch(tmp_path, monkeypatch):
