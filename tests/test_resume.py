@@ -63,7 +63,10 @@ def signal_when(command: list[str], ready, sig: int, log: Path) -> tuple[int, st
     """Start `command` with its output in `log` (a file: a pipe nobody reads can fill up and stall the
     run), send `sig` once `ready()` holds, and return the exit status and the output."""
     with log.open("w") as out:
-        process = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        # a shell starts background jobs with SIGINT ignored, and Python keeps an ignored SIGINT ignored:
+        # give the run the default disposition, as a terminal would
+        process = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.monotonic() + 300
         while not ready():
             assert process.poll() is None, f"the run ended before the signal:\n{log.read_text()[-3000:]}"
