@@ -101,7 +101,7 @@ def online_teachers(ensemble: nn.Module) -> TeacherLogits:
 
 def train_one_epoch(model: nn.Module, batches: Iterable[Batch], optimizer: torch.optim.Optimizer,
                     criterion: KDLoss, precision: Precision, teachers: TeacherLogits | None = None,
-                    desc: str = "train") -> dict[str, float]:
+                    desc: str = "train", progress: bool = True) -> dict[str, float]:
     """One pass over `batches`; returns sample-mean loss, ce, kd, accuracy and teacher weights over the
     steps whose loss was finite, and how many steps were not (`skipped`).
 
@@ -112,7 +112,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable[Batch], optimizer: torch
     use_teachers = teachers is not None and criterion.uses_teachers
     sums = torch.zeros(4, device=precision.device)  # loss, ce, kd, correct (sample-weighted, finite steps)
     weight_sum, count = None, torch.zeros(2, device=precision.device)  # images in finite steps, skipped steps
-    for batch in tqdm(batches, desc=desc, leave=False, dynamic_ncols=True):
+    for batch in tqdm(batches, desc=desc, leave=False, dynamic_ncols=True, disable=not progress):
         x, y = batch.x, batch.y
         with precision.autocast():
             teacher_logits = teachers(batch) if use_teachers else None
@@ -162,16 +162,17 @@ EpochCallback = Callable[[dict], None]
 def fit(model: nn.Module, train_batches, val_batches, *, optimizer, scheduler, criterion: KDLoss,
         epochs: int, precision: Precision, teachers: TeacherLogits | None = None,
         teacher_names: Sequence[str] = (), start_epoch: int = 0, on_epoch: EpochCallback | None = None,
-        desc: str = "") -> list[dict]:
-    """Train for epochs [start_epoch, epochs); after each, call on_epoch(row) with its metrics."""
+        desc: str = "", progress: bool = True) -> list[dict]:
+    """Train for epochs [start_epoch, epochs); after each, call on_epoch(row) with its metrics.
+    `progress`: show progress bars."""
     history = []
-    bar = tqdm(range(start_epoch, epochs), desc=desc or "epochs", dynamic_ncols=True)
+    bar = tqdm(range(start_epoch, epochs), desc=desc or "epochs", dynamic_ncols=True, disable=not progress)
     for epoch in bar:
         started = time.perf_counter()
         train_batches.set_epoch(epoch)
         lr = optimizer.param_groups[0]["lr"]
         train = train_one_epoch(model, train_batches, optimizer, criterion, precision, teachers,
-                                desc=f"epoch {epoch + 1}/{epochs}")
+                                desc=f"epoch {epoch + 1}/{epochs}", progress=progress)
         val = evaluate(model, val_batches, precision)
         if not (np.isfinite(train["loss"]) and np.isfinite(val["loss"])):  # no finite step, or broken weights
             raise NonFiniteLoss(epoch + 1)

@@ -233,3 +233,83 @@ def _log_x_axis(ax, values: Sequence[float], tick_format) -> None:
     ax.xaxis.set_major_formatter(FuncFormatter(tick_format))
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.grid(alpha=0.3, which="both")
+
+
+@dataclass(frozen=True)
+class TrialPoint:
+    """One tuning trial as the figures need it: its last validation accuracy, and whether it finished."""
+
+    number: int
+    val_acc: float | None  # best for a complete trial, the last reported for a pruned one
+    complete: bool
+    temperature: float | None = None
+    alpha: float | None = None
+
+
+def _complete_and_pruned(points: Sequence[TrialPoint]) -> tuple[list[TrialPoint], list[TrialPoint]]:
+    return [p for p in points if p.complete], [p for p in points if not p.complete]
+
+
+def plot_tuning_history(points: Sequence[TrialPoint], path: Path, title: str) -> Path:
+    """Validation accuracy per trial (pruned ones at their last epoch) and the best so far."""
+    done, pruned = _complete_and_pruned(points)
+    pruned = [p for p in pruned if p.val_acc is not None]  # a diverged run reported no accuracy
+    with mpl.rc_context(STYLE):
+        fig = Figure(figsize=(8, 4.5), layout="constrained")
+        ax = fig.subplots()
+        ax.scatter([p.number for p in done], [p.val_acc for p in done], color="C0", label="complete", zorder=3)
+        ax.scatter([p.number for p in pruned], [p.val_acc for p in pruned], color="0.6", marker="x",
+                   label="pruned (last epoch reached)", zorder=3)
+        if done:
+            best = np.maximum.accumulate([p.val_acc for p in done])
+            ax.step([p.number for p in done], best, where="post", color="C3", label="best so far")
+        ax.yaxis.set_major_formatter(PERCENT)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("trial")
+        ax.set_ylabel("validation accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right")
+        ax.set_title(title)
+        return _save(fig, path)
+
+
+def plot_importances(importances: dict[str, float] | None, path: Path, title: str) -> Path:
+    """Horizontal bars of each searched setting's importance; a note when they cannot be estimated yet."""
+    with mpl.rc_context(STYLE):
+        fig = Figure(figsize=(7, 3.5), layout="constrained")
+        ax = fig.subplots()
+        if importances:
+            names = list(importances)[::-1]  # most important on top
+            ax.barh(names, [importances[n] for n in names], color="C0")
+            ax.set_xlabel("importance for validation accuracy (fANOVA, sums to 1)")
+        else:
+            ax.text(0.5, 0.5, "not enough complete trials to estimate importances", ha="center", va="center",
+                    transform=ax.transAxes)
+            ax.set_axis_off()
+        ax.set_title(title)
+        return _save(fig, path)
+
+
+def plot_temperature_alpha(points: Sequence[TrialPoint], path: Path, title: str) -> Path:
+    """Each trial at its (temperature, alpha), coloured by validation accuracy; pruned trials grey."""
+    done, pruned = _complete_and_pruned(points)
+    with mpl.rc_context(STYLE):
+        fig = Figure(figsize=(7.5, 5), layout="constrained")
+        ax = fig.subplots()
+        ax.scatter([p.temperature for p in pruned], [p.alpha for p in pruned], color="0.6", marker="x",
+                   label="pruned")
+        if done:
+            image = ax.scatter([p.temperature for p in done], [p.alpha for p in done],
+                               c=[p.val_acc for p in done], cmap="viridis", s=60, edgecolors="black", zorder=3)
+            fig.colorbar(image, ax=ax, label="validation accuracy", format=PERCENT)
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(base=2))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("temperature T")
+        ax.set_ylabel("alpha (weight of the teacher term)")
+        ax.grid(alpha=0.3)
+        if pruned:
+            ax.legend(loc="best")
+        ax.set_title(title)
+        return _save(fig, path)

@@ -54,14 +54,15 @@ class TqdmHandler(logging.Handler):
 
 
 def setup_logging(quiet: bool = False) -> None:
-    """Log INFO (WARNING when quiet: the other processes of a distributed run) to stderr only;
-    run folders add their train.log with `log_to_file`."""
+    """Log INFO to stderr (WARNING when quiet: the other processes of a distributed run, a tuner's
+    trials); run folders add their train.log, which keeps INFO, with `log_to_file`."""
     logger = logging.getLogger("kd")
-    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    logger.setLevel(logging.INFO)
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
         handler.close()
     console = TqdmHandler()
+    console.setLevel(logging.WARNING if quiet else logging.INFO)
     console.setFormatter(logging.Formatter("%(message)s"))
     logger.addHandler(console)
     logger.propagate = False

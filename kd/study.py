@@ -162,8 +162,9 @@ def run_study(plan: StudyPlan) -> str:
     teachers = measure_teachers(task, base, out / "teachers.json")
     done = finished_runs(read_rows(table), task.name, base)
     rows = [done[key] for key in planned if key in done]
-    stats = summarize(rows)
-    summary = format_summary(task, plan, base, out, rows, len(planned), stats, teachers)
+    others = [row for key, row in done.items() if key not in planned]  # earlier studies' runs at this budget
+    stats = summarize(rows + others)
+    summary = format_summary(task, plan, base, out, rows, len(planned), stats, teachers, len(others))
     atomic_write(out / "summary.md", lambda tmp: Path(tmp).write_text(summary))
     plot_study(stats, teachers, out / "study.png", f"Task {task.name}: test accuracy per arm, mean ± sd over seeds "
                                                    f"({base.num_epochs} epochs)")
@@ -372,7 +373,7 @@ def verdict(differences: list[float]) -> str:
 
 
 def format_summary(task: TaskConfig, plan: StudyPlan, base: TrainSettings, out: Path, rows: list[dict],
-                   planned: int, stats: dict[str, list[ArmStats]], teachers: dict | None) -> str:
+                   planned: int, stats: dict[str, list[ArmStats]], teachers: dict | None, others: int = 0) -> str:
     threads = sorted({r["threads"] for r in rows}) or [torch.get_num_threads()]
     extras = [f"{k}={v}" for k, v in plan.settings.items() if k not in BUDGET_FLAGS]
     lines = [f"# KD study, task {task.name}", "",
@@ -382,7 +383,9 @@ def format_summary(task: TaskConfig, plan: StudyPlan, base: TrainSettings, out: 
              f"device {base.device}, torch threads {', '.join(map(str, threads))}"
              + (f"; also {', '.join(extras)}" if extras else "") + ".", "",
              f"Reproduce (trains only what runs.csv lacks): `{reproduce_command(plan, base, out)}`", "",
-             f"{len(rows)} of {planned} planned runs are in runs.csv. Test accuracy is that of each run's "
+             f"{len(rows)} of {planned} planned runs are in runs.csv"
+             + (f"; the tables also show its {others} other run(s) at this budget (other students, arms or seeds)"
+                if others else "") + ". Test accuracy is that of each run's "
              "best-validation checkpoint. Arms: alpha0 = labels only; uniform, entropy, confidence = KD with that "
              f"teacher weighting from the teacher-logit cache ({base.teacher_cache_views} fixed views per image); "
              "uniform_online = uniform KD with the teachers run online on fresh augmentation.", "",

@@ -48,7 +48,16 @@ class Trainee:
     metadata: dict  # saved with the weights; val/test accuracy and epoch are added
 
 
-def train_student(settings: TrainSettings, given: Collection[str] | None = None) -> Path:
+@dataclass(frozen=True)
+class RunHooks:
+    """What a caller that runs many trainings (the tuner) changes in one: the run itself is the same."""
+
+    on_epoch: Callable[[dict], None] | None = None  # after each epoch is saved; may raise to stop the run
+    score_test: bool = True  # report the best checkpoint's test accuracy at the end
+    quiet: bool = False  # console: warnings only and no progress bars (train.log keeps everything)
+
+
+def train_student(settings: TrainSettings, given: Collection[str] | None = None, hooks: RunHooks = RunHooks()) -> Path:
     """Distil the task's teachers into a student; returns the run folder.
 
     Missing teachers are trained first, each in its own run (see `ensure_teachers`). A run that
@@ -56,7 +65,8 @@ def train_student(settings: TrainSettings, given: Collection[str] | None = None)
     its own folder with the settings it was started with, except a larger `num_epochs` among the
     `given` settings (the names set explicitly; default: those that differ from the defaults), which
     trains on; the other given settings that differ from the run's are named in a warning. Under
-    torchrun every process trains its shard of each batch; rank 0 alone logs and writes.
+    torchrun every process trains its shard of each batch; rank 0 alone logs and writes. `hooks`
+    observe the epochs, skip the test split or quieten the console.
     """
     resume_dir = find_resume_dir(settings) if settings.resume else None
     ignored = []
@@ -64,7 +74,7 @@ def train_student(settings: TrainSettings, given: Collection[str] | None = None)
         settings, ignored = resumed_settings(read_run_settings(resume_dir), settings, given, resume_dir)
     student_name = canonical_student_name(settings.student_model)
     settings = dataclasses.replace(settings, student_model=student_name)  # config.yaml keeps the canonical name
-    with _session(settings) as (task, data, precision, world):
+    with _session(settings, hooks.quiet) as (task, data, precision, world):
         ensemble = ensure_teachers(task, data, precision, world, settings.teacher_epochs) if settings.alpha > 0 \
             else None
         run_dir = resume_dir or (create_run_dir(settings.output_dir, run_name(
@@ -75,7 +85,7 @@ def train_student(settings: TrainSettings, given: Collection[str] | None = None)
         if ignored:
             log.warning("--resume continues %s with the settings it was started with; ignored: %s", run_dir,
                         "; ".join(ignored))
-        run_training(run_dir, settings, task, trainee, precision, data, world, ensemble)
+        run_training(run_dir, settings, task, trainee, precision, data, world, ensemble, hooks)
         return run_dir
 
 
@@ -93,8 +103,18 @@ def train_teachers(settings: TrainSettings) -> Path:
         return task.teacher_checkpoint(task.teachers[0]).parent
 
 
+def prepare_teachers(settings: TrainSettings, runs: int) -> None:
+    """Train the missing teachers and build their logit cache (unless teacher_cache is off, or auto and
+    the cache would not pay off within `runs` runs of these settings): what many runs share, done once
+    before them."""
+    with _session(settings) as (task, data, precision, world):
+        ensemble = ensure_teachers(task, data, precision, world, settings.teacher_epochs)
+        with main_process_first(world):
+            _teacher_source(settings, task, data, ensemble, precision, world, runs)
+
+
 @contextmanager
-def _session(settings: TrainSettings):
+def _session(settings: TrainSettings, quiet: bool = False):
     """What every training command sets up first: the task, its data, the device and its precision,
     and the process group under torchrun (shut down on the way out, whatever happens)."""
     task = load_task_config(settings.task)
@@ -102,7 +122,7 @@ def _session(settings: TrainSettings):
     device = select_device(settings.device)
     world = init_world(device)
     try:
-        setup_logging(quiet=not world.is_main)
+        setup_logging(quiet=quiet or not world.is_main)
         precision = select_precision(process_device(device, world), settings.amp)
         yield task, load_task_data(task, settings.data_dir), precision, world
     finally:
@@ -174,13 +194,14 @@ def teacher_settings(spec: TeacherSpec, task: TaskConfig, teacher_epochs: int | 
 
 
 def run_training(run_dir: Path, settings: TrainSettings, task: TaskConfig, trainee: Trainee, precision: Precision,
-                 data: TaskData, world: World, ensemble: TeacherEnsemble | None = None) -> None:
+                 data: TaskData, world: World, ensemble: TeacherEnsemble | None = None,
+                 hooks: RunHooks = RunHooks()) -> None:
     """Train `trainee` in `run_dir`: the one run function for students and teachers. A run that fails
     before its first checkpoint leaves no folder; an interrupted one says how to continue."""
     try:
         with log_to_file(run_dir / "train.log" if world.is_main else None):
             try:
-                _train_in(run_dir, settings, task, trainee, precision, data, world, ensemble)
+                _train_in(run_dir, settings, task, trainee, precision, data, world, ensemble, hooks)
             except torch.OutOfMemoryError:
                 raise UserError(f"{precision.device} ran out of memory at --batch_size {settings.batch_size}; "
                                 "try a smaller --batch_size (the last finished epoch, if any, is kept)") from None
@@ -254,7 +275,7 @@ def read_run_settings(run_dir: Path) -> TrainSettings:
 
 
 def _train_in(run_dir: Path, settings: TrainSettings, task: TaskConfig, trainee: Trainee, precision: Precision,
-              data: TaskData, world: World, ensemble: TeacherEnsemble | None) -> None:
+              data: TaskData, world: World, ensemble: TeacherEnsemble | None, hooks: RunHooks) -> None:
     device = precision.device
     log.info("task %s: %s | train %d, val %d, test %d images (%s)", task.name, task.description,
              len(data.train), len(data.val), len(data.test), data.source)
@@ -294,15 +315,18 @@ def _train_in(run_dir: Path, settings: TrainSettings, task: TaskConfig, trainee:
         if world.is_main:
             checkpoints.save(row)  # first: a run killed in between repeats this epoch, rows included
             metrics.write(row)
+        if hooks.on_epoch:
+            hooks.on_epoch(row)
 
     try:
         fit(trained, train_batches, val_batches, optimizer=optimizer, scheduler=scheduler, criterion=criterion,
             epochs=settings.num_epochs, start_epoch=checkpoints.epoch, precision=precision, teachers=teachers,
-            teacher_names=ensemble.names if ensemble else (), on_epoch=after_epoch, desc=trainee.label)
+            teacher_names=ensemble.names if ensemble else (), on_epoch=after_epoch, desc=trainee.label,
+            progress=not hooks.quiet)
     finally:
         if metrics:
             metrics.close()
-    if world.is_main:
+    if world.is_main and hooks.score_test:
         checkpoints.finish(Batches(data.test, EVAL_BATCH_SIZE, device))
 
 
@@ -365,8 +389,9 @@ def _wrap_for_training(student: nn.Module, settings: TrainSettings, device: torc
 
 
 def _teacher_source(settings: TrainSettings, task: TaskConfig, data: TaskData, ensemble, precision: Precision,
-                    world: World):
-    """(training batches, teacher logits per batch): replayed from the cache, run online, or None."""
+                    world: World, runs: int = 1):
+    """(training batches, teacher logits per batch): replayed from the cache, run online, or None.
+    `runs`: how many runs of these settings will share a cache this call builds."""
     def batches(views):
         return Batches(data.train, settings.batch_size, precision.device, shuffle=True, augment=task.augment,
                        seed=settings.seed, views=views, pool_seed=task.data.split_seed, rank=world.rank,
@@ -378,21 +403,22 @@ def _teacher_source(settings: TrainSettings, task: TaskConfig, data: TaskData, e
         pooled = batches(settings.teacher_cache_views)
         paths = cache_paths([task.teacher_checkpoint(t) for t in task.teachers], pooled, precision,
                             Path(settings.cache_dir))
-        if _use_cache(settings, pooled, paths, task.num_classes):
+        if _use_cache(settings, pooled, paths, task.num_classes, runs):
             return pooled, load_or_build_cache(list(ensemble.models), paths, pooled, precision)
     return batches(None), online_teachers(ensemble)
 
 
-def _use_cache(settings: TrainSettings, pooled: Batches, paths: list[Path], num_classes: int) -> bool:
+def _use_cache(settings: TrainSettings, pooled: Batches, paths: list[Path], num_classes: int, runs: int) -> bool:
     if settings.teacher_cache == "on":
         return True
     size = cache_bytes(len(paths), pooled.num_views, len(pooled.split), num_classes)
     if size > BUDGET_BYTES:
         log.info("teacher-logit cache off: %.1f GB exceeds the %.1f GB budget", size / 1e9, BUDGET_BYTES / 1e9)
         return False
-    if any(not p.is_file() for p in paths) and settings.num_epochs < pooled.num_views:
-        log.info("teacher-logit cache off: building it costs %d teacher passes over the data, more than this "
-                 "%d-epoch run; --teacher_cache on builds it for later runs", pooled.num_views, settings.num_epochs)
+    if any(not p.is_file() for p in paths) and settings.num_epochs * runs < pooled.num_views:
+        log.info("teacher-logit cache off: building it costs %d teacher passes over the data, more than %d "
+                 "epoch(s) of training; --teacher_cache on builds it for later runs", pooled.num_views,
+                 settings.num_epochs * runs)
         return False
     return True
 

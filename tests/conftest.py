@@ -1,4 +1,10 @@
+import os
+import pwd
 import shutil
+import signal
+import subprocess
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -6,6 +12,8 @@ import torch
 import yaml
 
 from kd.config import parse_task_config
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(autouse=True)
@@ -64,3 +72,63 @@ def with_random_head(model):
     teachers with distinct outputs give it a random classifier."""
     torch.nn.init.normal_(model.backbone.get_classifier().weight, std=0.5)
     return model
+
+
+def signal_when(command: list[str], ready, sig: int, log: Path, cwd: Path = ROOT) -> tuple[int, str]:
+    """Start `command` with its output in `log` (a file: a pipe nobody reads can fill up and stall the
+    run), send `sig` once `ready()` holds, and return the exit status and the output."""
+    with log.open("w") as out:
+        # a shell starts background jobs with SIGINT ignored, and Python keeps an ignored SIGINT ignored:
+        # give the run the default disposition, as a terminal would
+        process = subprocess.Popen(command, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        deadline = time.monotonic() + 300
+        while not ready():
+            assert process.poll() is None, f"the run ended before the signal:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"not ready after 300 s:\n{log.read_text()[-3000:]}"
+            time.sleep(0.01)
+        process.send_signal(sig)
+        try:
+            code = process.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise AssertionError(f"still running 120 s after the signal:\n{log.read_text()[-3000:]}") from None
+    return code, log.read_text()
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A PostgreSQL server of the test session's own, on a Unix socket in a temporary folder (no TCP
+    port): the database of the tuner's many-machines path. Skipped, with the reason, where it cannot start."""
+    pytest.importorskip("psycopg2", reason="the PostgreSQL driver psycopg2 is not installed")
+    bindir = next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)), None)  # Debian's layout
+    tool = {name: shutil.which(name) or (bindir and str(bindir / name)) for name in ("initdb", "pg_ctl", "createdb")}
+    if not all(tool.values()) or not Path(tool["initdb"]).exists():
+        pytest.skip("PostgreSQL is not installed (Debian: apt-get install postgresql)")
+    folder = Path(tempfile.mkdtemp(prefix="kd-pg-"))
+    as_user = []
+    if os.geteuid() == 0:  # the server refuses to run as root: run it as the postgres account
+        try:
+            account = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root and there is no postgres account to run the server")
+        os.chown(folder, account.pw_uid, account.pw_gid)
+        as_user = ["runuser", "-u", "postgres", "--"]
+    port = "5433"  # names the socket file only: listen_addresses='' opens no TCP port
+
+    def pg(*command):
+        result = subprocess.run(as_user + [str(c) for c in command], capture_output=True, text=True, timeout=120)
+        if result.returncode != 0:
+            shutil.rmtree(folder, ignore_errors=True)
+            pytest.skip(f"PostgreSQL did not start: {(result.stderr or result.stdout).strip().splitlines()[-1:]}")
+
+    pg(tool["initdb"], "-D", folder / "data", "-A", "trust", "-U", "kd", "--no-sync")
+    pg(tool["pg_ctl"], "-D", folder / "data", "-l", folder / "server.log", "-w", "-o",
+       f"-k {folder} -p {port} -c listen_addresses='' -c fsync=off", "start")
+    try:
+        pg(tool["createdb"], "-h", folder, "-p", port, "-U", "kd", "tuning")
+        yield f"postgresql+psycopg2://kd@/tuning?host={folder}&port={port}"
+    finally:
+        subprocess.run(as_user + [tool["pg_ctl"], "-D", str(folder / "data"), "-m", "immediate", "stop"],
+                       capture_output=True, timeout=120)
+        shutil.rmtree(folder, ignore_errors=True)

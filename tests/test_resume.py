@@ -12,7 +12,7 @@ import yaml
 from kd.checkpoint import load_torch_checkpoint
 from kd.errors import UserError
 from kd.training import TrainSettings, train_student
-from tests.conftest import write_task
+from tests.conftest import signal_when, write_task
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -57,28 +57,6 @@ def test_killed_run_resumes_bit_for_bit(tmp_path, tiny_teachers):
     resumed = run(train_command(config, tmp_path / "killed", tmp_path / "cache", "--resume", "auto"))
     assert resumed == killed_dir
     assert_same_run(reference, resumed)
-
-
-def signal_when(command: list[str], ready, sig: int, log: Path) -> tuple[int, str]:
-    """Start `command` with its output in `log` (a file: a pipe nobody reads can fill up and stall the
-    run), send `sig` once `ready()` holds, and return the exit status and the output."""
-    with log.open("w") as out:
-        # a shell starts background jobs with SIGINT ignored, and Python keeps an ignored SIGINT ignored:
-        # give the run the default disposition, as a terminal would
-        process = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-        deadline = time.monotonic() + 300
-        while not ready():
-            assert process.poll() is None, f"the run ended before the signal:\n{log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"not ready after 300 s:\n{log.read_text()[-3000:]}"
-            time.sleep(0.01)
-        process.send_signal(sig)
-        try:
-            code = process.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            raise AssertionError(f"still running 120 s after the signal:\n{log.read_text()[-3000:]}") from None
-    return code, log.read_text()
 
 
 @pytest.mark.slow

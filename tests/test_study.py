@@ -162,3 +162,8 @@ def test_study_records_summarises_and_resumes(tmp_path, tiny_teachers, capsys, m
     assert sorted(p.name for p in (out / "runs").iterdir()) == folders
     assert len(list(csv.DictReader((out / "runs.csv").open()))) == 4
     assert (out / "summary.md").read_text() == summary
+
+    script.main([*argv, "--arms", "alpha0"])  # a narrower plan still reports every run of this budget
+    narrower = (out / "summary.md").read_text()
+    assert "2 of 2 planned runs" in narrower and "its 2 other run(s) at this budget" in narrower
+    assert f"| uniform | {statistics.fmean([acc['uniform', 1], acc['uniform', 2]]):.2f} ± " in narrower

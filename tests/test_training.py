@@ -18,7 +18,7 @@ from kd.models import create_model
 from kd.students import build_student
 from kd.runs import create_run_dir, run_name
 from kd.teachers import TeacherEnsemble
-from kd.training import TrainSettings, train_student
+from kd.training import RunHooks, TrainSettings, train_student
 from tests.conftest import write_task
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,6 +57,20 @@ def trained_run(tmp_path, tiny_teachers):
                              teacher_epochs=1, run="t", teacher_cache="on", teacher_cache_views=2,
                              cache_dir=str(tmp_path / "cache"))
     return settings, train_student(settings)
+
+
+def test_hooks_observe_each_epoch_skip_the_test_split_and_quieten_only_the_console(tmp_path, tiny_teachers, capsys):
+    settings = TrainSettings(task=str(write_task(tmp_path, tiny_teachers)), num_epochs=2, batch_size=64, alpha=0.5,
+                             student_model="MobileNetV3", device="cpu", output_dir=str(tmp_path / "runs"))
+    rows = []
+    run_dir = train_student(settings, hooks=RunHooks(on_epoch=rows.append, score_test=False, quiet=True))
+    assert [row["epoch"] for row in rows] == [1, 2]
+    meta = load_weights(run_dir / "student.safetensors")[1]
+    assert "val_acc" in meta and "test_acc" not in meta
+    console = capsys.readouterr().err
+    assert "epoch 1/2" not in console and "parameters" not in console  # no INFO lines, no progress bars
+    log = (run_dir / "train.log").read_text()
+    assert "epoch 2/2" in log and "parameters" in log  # the run's own log keeps everything
 
 
 def test_training_writes_a_complete_run_folder(trained_run, tmp_path):

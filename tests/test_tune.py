@@ -1,0 +1,264 @@
+import csv
+import hashlib
+import os
+import shlex
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+import kd.tuning
+import train
+import tune
+from kd.errors import Terminated, UserError, run_cli
+from kd.settings import TrainSettings
+from kd.training import read_run_settings
+from kd.tuning import DEFAULT_SPACE, Choices, FloatRange, Fixed, load_search_space, retry_of, train_command
+from tests.conftest import ROOT, signal_when, write_task
+
+STUDY = "TaskT_MobileNetV3"  # the default study name of the tiny task and this student
+GOOD = {"temperature": 2.0, "alpha": 0.5, "lr": 0.01, "weight_decay": 1e-5, "teacher_weighting": "uniform"}
+
+
+def tune_args(config: Path, out: Path, *extra: str) -> list[str]:
+    return ["--config", str(config), "--device", "cpu", "--student_model", "MobileNetV3", "--num_epochs", "2",
+            "--batch_size", "64", "--output", str(out), "--cache_dir", str(out.parent / "cache"), *extra]
+
+
+def sqlite(out: Path) -> str:
+    return f"sqlite:///{out / 'study.db'}"
+
+
+def finished(study: optuna.Study) -> list:
+    return [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+
+
+def test_search_space_defaults_file_ranges_and_fixed_flags(tmp_path):
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text("temperature: {low: 2, high: 4}\nalpha: 0.7\nlr: ['1e-3', 0.01]\n")
+    space = load_search_space(str(space_file), {"teacher_weighting": "entropy"})
+    assert space["temperature"] == FloatRange(2.0, 4.0)
+    assert space["alpha"] == Fixed(0.7) and space["teacher_weighting"] == Fixed("entropy")
+    assert space["lr"] == Choices((0.001, 0.01))  # YAML reads 1e-3 as text: still a number here
+    assert space["weight_decay"] == DEFAULT_SPACE["weight_decay"]
+    shipped = load_search_space(str(ROOT / "configs" / "search_space.yaml"), {})
+    assert shipped == DEFAULT_SPACE  # the documented file is the default
+
+
+@pytest.mark.parametrize("text, message", [
+    ("beta: {low: 0, high: 1}\n", "unknown parameter 'beta'"),
+    ("temperature: {low: 4, high: 4}\n", "empty range [4, 4]"),
+    ("alpha: {low: 0.5, high: 1.5}\n", "alpha must be in [0, 1], got 1.5"),
+    ("weight_decay: {low: 0, high: 0.1, log: true}\n", "a log range needs low > 0"),
+    ("teacher_weighting: {low: 0, high: 1}\n", "takes a list of schemes"),
+    ("teacher_weighting: []\n", "empty list of choices"),
+    ("lr: {low: 0.1}\n", "needs {low: ..., high: ...}"),
+    ("- lr\n", "expected a mapping"),
+])
+def test_bad_search_space_files_name_the_problem(tmp_path, text, message):
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text(text)
+    with pytest.raises(UserError, match="space.yaml") as err:
+        load_search_space(str(space_file), {})
+    assert message in str(err.value)
+
+
+def test_nothing_to_search_is_refused():
+    with pytest.raises(UserError, match="nothing to search"):
+        load_search_space(None, {name: getattr(TrainSettings(), name) for name in DEFAULT_SPACE})
+
+
+def test_train_command_parses_back_to_the_same_settings():
+    settings = TrainSettings(task="some/task.yaml", lr=0.000482, alpha=0.26, temperature=4.52, amp=False,
+                             channels_last=False, compile=True, teacher_weighting="fixed", teacher_weights=(1.0, 2.0),
+                             teacher_epochs=3, student_model="ResNet18", lr_schedule="cosine", run="x",
+                             output_dir="elsewhere")
+    argv = shlex.split(train_command(settings))[2:]
+    options = vars(train.get_args_parser().parse_args(argv))
+    options["task"] = options.pop("config") or options["task"]
+    options.pop("teachers_only")
+    options["teacher_weights"] = tuple(options["teacher_weights"])
+    parsed = TrainSettings(**options)
+    assert parsed == TrainSettings(**{**settings.__dict__, "run": "", "output_dir": "runs"})
+
+
+def enqueue(out: Path, *params: dict) -> None:
+    study = optuna.create_study(storage=sqlite(out), study_name=STUDY, direction="maximize")
+    for values in params:
+        study.enqueue_trial(values)
+
+
+@pytest.mark.slow
+def test_a_search_prunes_a_hopeless_trial_continues_on_rerun_and_reports(tmp_path, tiny_teachers):
+    config, out = write_task(tmp_path, tiny_teachers), tmp_path / "out"
+    out.mkdir()
+    space = tmp_path / "space.yaml"
+    space.write_text("lr: {low: 1.0e-7, high: 0.02, log: true}\n")
+    # three good trials, then one that cannot learn: the median pruner must stop it once its 2 warm-up
+    # epochs are done
+    enqueue(out, *[{**GOOD, "temperature": t} for t in (1.5, 2.0, 3.0)], {**GOOD, "lr": 1e-7})
+    argv = tune_args(config, out, "--num_epochs", "3", "--prune_warmup", "2", "--search_space", str(space))
+    tune.main([*argv, "--trials", "4"])
+
+    study = optuna.load_study(study_name=STUDY, storage=sqlite(out))
+    states = [t.state for t in study.trials]
+    assert states == [TrialState.COMPLETE] * 3 + [TrialState.PRUNED]
+    hopeless = study.trials[3]
+    assert len(hopeless.intermediate_values) == 2  # stopped after epoch 2 of 3
+    with (out / hopeless.user_attrs["run_dir"] / "metrics.csv").open() as f:
+        assert len(list(csv.DictReader(f))) == 2
+    first = [(t.number, t.value, t.params) for t in study.trials]
+
+    tune.main([*argv, "--trials", "5"])  # the same command with more trials continues the study
+    study = optuna.load_study(study_name=STUDY, storage=sqlite(out))
+    assert [(t.number, t.value, t.params) for t in study.trials[:4]] == first
+    assert len(finished(study)) == 5 and study.trials[4].number == 4
+    with (out / "trials.csv").open() as f:
+        assert [int(row["trial"]) for row in csv.DictReader(f)] == [0, 1, 2, 3, 4]
+    for figure in ("history.png", "importance.png", "temperature_alpha.png"):
+        assert (out / figure).read_bytes()[:4] == b"\x89PNG"
+
+    result = yaml.safe_load((out / "best.yaml").read_text())
+    best = study.best_trial
+    assert result["best"]["trial"] == best.number and result["best"]["val_acc"] == pytest.approx(best.value)
+    assert 0.0 <= result["best"]["test_acc"] <= 1.0
+    assert "defaults" not in result  # trials were enqueued before tune.py made the study: no defaults trial
+    # the best command line trains exactly the best trial's settings
+    argv = shlex.split(result["best"]["command"])
+    assert argv[:2] == ["python", "train.py"]
+    options = vars(train.get_args_parser().parse_args(argv[2:]))
+    options["task"] = options.pop("config") or options["task"]
+    options.pop("teachers_only")
+    ran = read_run_settings(out / best.user_attrs["run_dir"])
+    assert TrainSettings(**options) == TrainSettings(**{**ran.__dict__, "run": "", "output_dir": "runs"})
+    assert f"tuned **{result['best']['test_acc']:.2%}**" in (out / "summary.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_new_study_starts_with_the_defaults_and_reports_them_beside_the_best(tmp_path, capsys):
+    config, out = write_task(tmp_path), tmp_path / "out"
+    # alpha fixed at 0 (labels only: no teachers needed), the other settings searched
+    tune.main([*tune_args(config, out), "--alpha", "0", "--trials", "2", "--confirm_seeds", "1"])
+    study = optuna.load_study(study_name=STUDY, storage=sqlite(out))
+    defaults = study.trials[0]
+    assert defaults.user_attrs["role"] == "defaults"
+    assert defaults.params == {"temperature": 2.0, "lr": 0.001, "weight_decay": 0.0005, "teacher_weighting": "uniform"}
+    assert defaults.user_attrs["settings"] == {**defaults.params, "alpha": 0.0}
+    result = yaml.safe_load((out / "best.yaml").read_text())
+    assert result["defaults"]["trial"] == 0 and result["defaults"]["val_acc"] == pytest.approx(defaults.value)
+    confirmation = result["confirmation"]
+    row = confirmation["test_acc_percent"][1]
+    assert confirmation["paired_mean"] == pytest.approx(row["tuned"] - row["defaults"])
+    assert confirmation["verdict"] == "within noise"  # one seed proves nothing
+    printed = capsys.readouterr().out
+    assert "train.py's defaults" in printed and "Confirmation over seeds 1 " in printed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("storage", ["sqlite", "postgresql"])
+def test_two_processes_share_one_study(tmp_path, storage, request):
+    url = request.getfixturevalue("postgres_url") if storage == "postgresql" else sqlite(tmp_path / "out")
+    config, out = write_task(tmp_path), tmp_path / "out"
+    out.mkdir()
+    command = [sys.executable, str(ROOT / "tune.py"), *tune_args(config, out, "--trials", "4", "--storage", url,
+                                                                "--study_name", f"shared_{storage}", "--alpha", "0")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    workers = [subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True) for _ in range(2)]
+    outputs = [worker.communicate(timeout=600)[0] for worker in workers]
+    assert [w.returncode for w in workers] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    study = optuna.load_study(study_name=f"shared_{storage}", storage=url)
+    done = finished(study)
+    assert 4 <= len(done) <= 5  # each worker stops once the study holds 4; one may be finishing its last
+    assert len({t.user_attrs["worker"]["pid"] for t in done}) == 2  # both worked on the one study
+    assert sum(t.user_attrs.get("role") == "defaults" for t in study.trials) == 1
+    assert not (out / "study.db").exists() or storage == "sqlite"
+
+
+@pytest.mark.slow
+def test_a_killed_search_reruns_the_trial_it_left_running(tmp_path):
+    config, out = write_task(tmp_path), tmp_path / "out"
+    # alpha fixed at 0: no teachers needed. Trial 1 is killed within milliseconds of its first epoch, long
+    # before its second ends
+    command = [sys.executable, str(ROOT / "tune.py"), *tune_args(config, out, "--trials", "3", "--alpha", "0")]
+
+    def second_trial_started() -> bool:
+        return len(list((out / "trials").glob("*/checkpoint_last.pt"))) >= 2
+
+    status, log = signal_when(command, second_trial_started, signal.SIGKILL, tmp_path / "first.log", cwd=tmp_path)
+    assert status == -signal.SIGKILL, log[-3000:]
+    study = optuna.load_study(study_name=STUDY, storage=sqlite(out))
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.RUNNING]  # nobody failed it
+
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "trial 1 was left running by a process that no longer exists; it runs again" in result.stderr
+    assert_retried(optuna.load_study(study_name=STUDY, storage=sqlite(out)))
+
+
+def assert_retried(study: optuna.Study) -> None:
+    """Trial 1 was stopped from outside: failed, and trial 2 ran its settings again."""
+    assert study.trials[1].state == TrialState.FAIL
+    retry = study.trials[2]
+    assert retry_of(retry) == 1 and retry.params == study.trials[1].params
+    assert retry.state == TrialState.COMPLETE and len(finished(study)) == 3
+
+
+@pytest.mark.slow
+def test_ctrl_c_or_sigterm_queues_the_running_trial_again(tmp_path, monkeypatch):
+    config, out = write_task(tmp_path), tmp_path / "out"
+    argv = tune_args(config, out, "--trials", "3", "--alpha", "0")
+    train = kd.tuning.train_student
+
+    def interrupted_in_trial_1(settings, hooks):
+        if settings.run == "trial1":
+            raise Terminated()  # what SIGTERM raises (a KeyboardInterrupt, as Ctrl-C)
+        return train(settings, hooks=hooks)
+
+    monkeypatch.setattr(kd.tuning, "train_student", interrupted_in_trial_1)
+    with pytest.raises(Terminated):
+        tune.main(argv)
+    monkeypatch.setattr(kd.tuning, "train_student", train)
+    tune.main(argv)
+    assert_retried(optuna.load_study(study_name=STUDY, storage=sqlite(out)))
+
+
+def existing_study(out: Path) -> bytes:
+    """An SQLite study with one finished trial; returns the database's bytes."""
+    out.mkdir(parents=True)
+    study = optuna.create_study(storage=sqlite(out), study_name=STUDY, direction="maximize")
+    study.add_trial(optuna.create_trial(value=0.5, params={"alpha": 0.5},
+                                        distributions={"alpha": optuna.distributions.FloatDistribution(0, 1)}))
+    return hashlib.sha256((out / "study.db").read_bytes()).digest()
+
+
+@pytest.mark.parametrize("extra, status, message", [
+    (["--trials", "0"], 2, "--trials: must be >= 1, got 0"),
+    (["--search_space", "SPACE"], 1, "unknown parameter 'beta'"),
+    (["--search_space", "EMPTY"], 1, "empty range"),
+    (["--storage", "postgresql+psycopg2://nobody@127.0.0.1:9/none"], 1, "cannot open the study storage"),
+    (["--storage", "nosuchdb://x"], 1, "cannot open the study storage"),
+    (["--alpha", "0.5", "--num_epochs", "3"], 1, "was started with other settings"),
+])
+def test_bad_input_stops_with_one_line_and_loses_nothing(tmp_path, capsys, extra, status, message):
+    config, out = write_task(tmp_path), tmp_path / "out"
+    before = existing_study(out)
+    (tmp_path / "space.yaml").write_text("beta: {low: 0, high: 1}\n")
+    (tmp_path / "empty.yaml").write_text("lr: {low: 0.01, high: 0.001}\n")
+    files = {"SPACE": str(tmp_path / "space.yaml"), "EMPTY": str(tmp_path / "empty.yaml")}
+    if message == "was started with other settings":  # a study of this budget, then another budget
+        optuna.load_study(study_name=STUDY, storage=sqlite(out)).set_user_attr("budget", {"num_epochs": 2})
+        before = hashlib.sha256((out / "study.db").read_bytes()).digest()
+    argv = tune_args(config, out, *[files.get(a, a) for a in extra])
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: tune.main(argv))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == status and message in err and len(err.strip().splitlines()) == 1, err
+    assert "password" not in err
+    assert hashlib.sha256((out / "study.db").read_bytes()).digest() == before
+    assert not (out / "trials").exists()
