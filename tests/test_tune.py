@@ -143,7 +143,7 @@ def test_a_search_prunes_a_hopeless_trial_continues_on_rerun_and_reports(tmp_pat
 def test_a_new_study_starts_with_the_defaults_and_reports_them_beside_the_best(tmp_path, capsys):
     config, out = write_task(tmp_path), tmp_path / "out"
     # alpha fixed at 0 (labels only: no teachers needed), the other settings searched
-    tune.main([*tune_args(config, out), "--alpha", "0", "--trials", "2", "--confirm_seeds", "1"])
+    tune.main([*tune_args(config, out, "--num_epochs", "1"), "--alpha", "0", "--trials", "2", "--confirm_seeds", "1"])
     study = optuna.load_study(study_name=STUDY, storage=sqlite(out))
     defaults = study.trials[0]
     assert defaults.user_attrs["role"] == "defaults"
@@ -166,7 +166,8 @@ def test_two_processes_share_one_study(tmp_path, storage, request):
     config, out = write_task(tmp_path), tmp_path / "out"
     out.mkdir()
     command = [sys.executable, str(ROOT / "tune.py"), *tune_args(config, out, "--trials", "4", "--storage", url,
-                                                                "--study_name", f"shared_{storage}", "--alpha", "0")]
+                                                                "--study_name", f"shared_{storage}", "--alpha", "0",
+                                                                "--num_epochs", "1")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     workers = [subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True) for _ in range(2)]
@@ -212,7 +213,7 @@ def assert_retried(study: optuna.Study) -> None:
 @pytest.mark.slow
 def test_ctrl_c_or_sigterm_queues_the_running_trial_again(tmp_path, monkeypatch):
     config, out = write_task(tmp_path), tmp_path / "out"
-    argv = tune_args(config, out, "--trials", "3", "--alpha", "0")
+    argv = tune_args(config, out, "--trials", "3", "--alpha", "0", "--num_epochs", "1")
     train = kd.tuning.train_student
 
     def interrupted_in_trial_1(settings, hooks):
