@@ -349,13 +349,13 @@ def arm_stats(arm: str, rows: list[dict]) -> ArmStats:
     gain = None
     if baseline and arm != BASELINE:
         gain = statistics.fmean(accuracies.values()) - statistics.fmean(baseline.values())
-    return ArmStats(arm, accuracies, _sd(accuracies.values()), statistics.fmean(r["wall_s"] for r in own),
+    return ArmStats(arm, accuracies, sample_sd(accuracies.values()), statistics.fmean(r["wall_s"] for r in own),
                     any(r["built"] for r in own), gain, paired,
-                    statistics.fmean(paired.values()) if paired else None, _sd(paired.values()),
+                    statistics.fmean(paired.values()) if paired else None, sample_sd(paired.values()),
                     "baseline" if arm == BASELINE else verdict(list(paired.values())))
 
 
-def _sd(values) -> float | None:
+def sample_sd(values) -> float | None:
     values = list(values)
     return statistics.stdev(values) if len(values) > 1 else None
 
@@ -405,13 +405,13 @@ def format_table(arms: list[ArmStats]) -> list[str]:
              "|---|---|---|---|---|---|---|---|"]
     for a in arms:
         paired = ", ".join(f"s{seed} {d:+.2f}" for seed, d in a.paired.items()) or "-"
-        lines.append(f"| {a.arm} | {a.mean:.2f} ± {_fmt(a.sd, '.2f')} | {len(a.accuracies)} | "
-                     f"{a.wall_s:.1f}{'*' if a.built else ''} | {_fmt(a.gain, '+.2f')} | {paired} | "
-                     f"{_fmt(a.paired_mean, '+.2f')} ± {_fmt(a.paired_sd, '.2f')} | {a.verdict} |")
+        lines.append(f"| {a.arm} | {a.mean:.2f} ± {or_dash(a.sd, '.2f')} | {len(a.accuracies)} | "
+                     f"{a.wall_s:.1f}{'*' if a.built else ''} | {or_dash(a.gain, '+.2f')} | {paired} | "
+                     f"{or_dash(a.paired_mean, '+.2f')} ± {or_dash(a.paired_sd, '.2f')} | {a.verdict} |")
     return lines
 
 
-def _fmt(value: float | None, spec: str) -> str:
+def or_dash(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 

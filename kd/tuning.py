@@ -17,7 +17,6 @@ import dataclasses
 import io
 import json
 import logging
-import math
 import os
 import shlex
 import shutil
@@ -47,7 +46,7 @@ from kd.evaluation import open_run_student
 from kd.losses import WEIGHTING_SCHEMES
 from kd.runs import run_name
 from kd.settings import TrainSettings
-from kd.study import verdict
+from kd.study import or_dash, run_metadata, sample_sd, verdict
 from kd.students import canonical_student_name
 from kd.training import EVAL_BATCH_SIZE, RunHooks, prepare_teachers, read_run_settings, train_student
 
@@ -523,17 +522,10 @@ def ensure_run(settings: TrainSettings, folder: Path, run: str) -> Path:
     task = load_task_config(settings.task)
     run_dir = folder / run_name(task.name, settings.student_model, settings.temperature, settings.alpha, run)
     if run_dir.is_dir():
-        if _finished(run_dir) and read_run_settings(run_dir) == settings:
+        if "test_acc" in run_metadata(run_dir) and read_run_settings(run_dir) == settings:
             return run_dir
         shutil.rmtree(run_dir)
     return train_student(settings, hooks=RunHooks(quiet=True))
-
-
-def _finished(run_dir: Path) -> bool:
-    try:
-        return "test_acc" in load_weights(run_dir / "student.safetensors")[1]
-    except UserError:
-        return False
 
 
 def run_scores(run_dir: Path) -> dict:
@@ -551,13 +543,9 @@ def confirm(tuned: TrainSettings, defaults: TrainSettings, seeds: tuple[int, ...
     differences = [row["tuned"] - row["defaults"] for row in rows.values()]
     return {"test_acc_percent": rows, **{f"{role}_mean": statistics.fmean(r[role] for r in rows.values())
                                          for role in ("tuned", "defaults")},
-            **{f"{role}_sd": _sd([r[role] for r in rows.values()]) for role in ("tuned", "defaults")},
-            "paired_mean": statistics.fmean(differences), "paired_sd": _sd(differences),
+            **{f"{role}_sd": sample_sd([r[role] for r in rows.values()]) for role in ("tuned", "defaults")},
+            "paired_mean": statistics.fmean(differences), "paired_sd": sample_sd(differences),
             "verdict": verdict(differences)}
-
-
-def _sd(values: list[float]) -> float | None:
-    return statistics.stdev(values) if len(values) > 1 else None
 
 
 def _state_counts(trials: list[FrozenTrial]) -> dict:
@@ -624,9 +612,9 @@ def format_summary(result: dict, plan: TunePlan, out: Path) -> str:
         c = result["confirmation"]
         per_seed = ", ".join(f"s{s} {r['tuned'] - r['defaults']:+.2f}" for s, r in c["test_acc_percent"].items())
         lines += [f"Confirmation over seeds {', '.join(map(str, c['test_acc_percent']))} (test accuracy %, mean ± sd): "
-                  f"tuned {c['tuned_mean']:.2f} ± {_fmt(c['tuned_sd'])}, defaults {c['defaults_mean']:.2f} ± "
-                  f"{_fmt(c['defaults_sd'])}; paired differences {per_seed}, mean {c['paired_mean']:+.2f} ± "
-                  f"{_fmt(c['paired_sd'])} points: **{c['verdict']}**.", ""]
+                  f"tuned {c['tuned_mean']:.2f} ± {or_dash(c['tuned_sd'], '.2f')}, defaults {c['defaults_mean']:.2f} ± "
+                  f"{or_dash(c['defaults_sd'], '.2f')}; paired differences {per_seed}, mean {c['paired_mean']:+.2f} ± "
+                  f"{or_dash(c['paired_sd'], '.2f')} points: **{c['verdict']}**.", ""]
     return "\n".join(lines)
 
 
@@ -638,7 +626,3 @@ def _space_text(space: dict) -> str:
             return "{" + ", ".join(map(str, param.values)) + "}"
         return f"fixed {param.value}"
     return "; ".join(f"{name} {text(param)}" for name, param in space.items())
-
-
-def _fmt(value: float | None) -> str:
-    return "-" if value is None or math.isnan(value) else f"{value:.2f}"
