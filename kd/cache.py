@@ -10,6 +10,11 @@ precision of the teachers' forward pass, so a sweep over lr, temperature, alpha,
 reuses it, while a changed teacher, dataset, view pool or precision is never served stale logits.
 The pool is drawn on the CPU whatever the training device (kd.data), so a cache built on one
 device serves runs on another with the same views.
+
+For a streamed split (kd.streaming) the logits are not held in memory: each teacher's (V, N, C)
+array is a .npy file on disk, written view by view while it is built and read back through a
+memory map, a batch's rows at a time. Its data fingerprint is the files' paths, sizes and
+modification times, so a folder changed since the cache was built gets a cache of its own.
 """
 
 from __future__ import annotations
@@ -18,20 +23,23 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from kd.checkpoint import atomic_write
-from kd.data import Batch, Batches
+from kd.data import Batch, Batches, FileSplit
 from kd.engine import Precision
 
 log = logging.getLogger("kd")
-BUDGET_BYTES = 2 * 1024 ** 3  # "auto" caches when all teachers' logits fit in this
+BUDGET_BYTES = 2 * 1024 ** 3  # "auto" caches in memory when all teachers' logits fit in this
+DISK_BUDGET_BYTES = 64 * 10 ** 9  # the largest cache written to disk for streamed data
 BUILD_BATCH_SIZE = 1024
 
 
@@ -43,11 +51,9 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def split_fingerprint(batches: Batches) -> str:
-    digest = hashlib.sha256()
-    digest.update(batches.split.images.cpu().numpy().tobytes())
-    digest.update(batches.split.labels.cpu().numpy().tobytes())
-    return digest.hexdigest()
+def on_disk(batches) -> bool:
+    """Whether a cache for these batches lives on disk (streamed data) rather than in memory."""
+    return isinstance(batches.split, FileSplit)
 
 
 def cache_key(teacher_sha: str, data_fingerprint: str, batches: Batches, precision: str) -> str:
@@ -75,47 +81,90 @@ class TeacherLogitCache:
             raise ValueError("cached teacher logits need batches drawn from a view pool")
         return self.logits[:, batch.view, batch.index]
 
+    @property
+    def nbytes(self) -> int:
+        return self.logits.numel() * 2
 
-def cache_paths(checkpoints: list[Path], batches: Batches, precision: Precision, cache_dir: Path) -> list[Path]:
-    data = split_fingerprint(batches)
-    return [Path(cache_dir) / f"{cache_key(file_sha256(c), data, batches, precision.name)}.safetensors"
+
+class DiskLogitCache:
+    """Replays teacher logits kept on disk: one memory-mapped (V, N, C) float16 array per teacher."""
+
+    def __init__(self, arrays: list[np.ndarray]):
+        self.arrays = arrays
+
+    def __call__(self, batch: Batch) -> torch.Tensor:
+        if batch.view is None:
+            raise ValueError("cached teacher logits need batches drawn from a view pool")
+        view, index = batch.view.cpu().numpy(), batch.index.cpu().numpy()
+        rows = np.stack([array[view, index] for array in self.arrays])
+        return torch.from_numpy(rows).to(batch.x.device, non_blocking=True)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(array.nbytes for array in self.arrays)
+
+
+def cache_paths(checkpoints: list[Path], batches, precision: Precision, cache_dir: Path) -> list[Path]:
+    data = batches.split.fingerprint()
+    suffix = ".npy" if on_disk(batches) else ".safetensors"
+    return [Path(cache_dir) / f"{cache_key(file_sha256(c), data, batches, precision.name)}{suffix}"
             for c in checkpoints]
 
 
-def load_or_build_cache(teachers: list[nn.Module], paths: list[Path], batches: Batches,
-                        precision: Precision) -> TeacherLogitCache:
-    """Load each teacher's cached logits, computing and saving the missing ones first."""
+def load_or_build_cache(teachers: list[nn.Module], paths: list[Path], batches,
+                        precision: Precision) -> TeacherLogitCache | DiskLogitCache:
+    """Load each teacher's cached logits, computing and saving the missing ones first; in memory, or
+    memory-mapped from disk for streamed data."""
     started = time.perf_counter()
-    built = 0
-    logits = []
-    for teacher, path in zip(teachers, paths):
-        if path.is_file():
-            logits.append(load_file(str(path), device=str(precision.device))["logits"])
-            continue
-        values = compute_view_logits(teacher, batches, precision)
-        atomic_write(path, lambda tmp, v=values: save_file({"logits": v.cpu()}, tmp))
-        logits.append(values)
-        built += 1
-    cache = TeacherLogitCache(torch.stack(logits))
+    built = sum(not path.is_file() for path in paths)
+    if on_disk(batches):
+        for teacher, path in zip(teachers, paths):
+            if not path.is_file():
+                atomic_write(path, lambda tmp, t=teacher: write_view_logits(t, batches, precision, Path(tmp)))
+        cache = DiskLogitCache([np.load(path, mmap_mode="r") for path in paths])
+    else:
+        cache = TeacherLogitCache(torch.stack([_memory_logits(t, path, batches, precision)
+                                               for t, path in zip(teachers, paths)]))
     verb = f"built {built} of {len(paths)} teachers' entries in {time.perf_counter() - started:.1f}s" if built \
         else f"loaded in {time.perf_counter() - started:.1f}s"
-    log.info("teacher-logit cache: %d teachers x %d views x %d images, %.1f MB, %s (%s)", len(paths),
-             batches.num_views, len(batches.split), cache.logits.numel() * 2 / 1e6, verb, paths[0].parent)
+    log.info("teacher-logit cache: %d teachers x %d views x %d images, %.1f MB %s, %s (%s)", len(paths),
+             batches.num_views, len(batches.split), cache.nbytes / 1e6, "on disk" if on_disk(batches) else "in memory",
+             verb, paths[0].parent)
     return cache
 
 
+def _memory_logits(teacher: nn.Module, path: Path, batches: Batches, precision: Precision) -> torch.Tensor:
+    if path.is_file():
+        return load_file(str(path), device=str(precision.device))["logits"]
+    views = torch.stack([torch.cat([logits for _, logits in view_logits(teacher, batches, precision, v)])
+                         for v in _views(batches)])
+    atomic_write(path, lambda tmp: save_file({"logits": views.cpu()}, tmp))
+    return views
+
+
+def write_view_logits(teacher: nn.Module, batches, precision: Precision, path: Path) -> None:
+    """The teacher's float16 logits for every pooled view of every image, written to a .npy file at
+    `path` one batch at a time (never held whole)."""
+    array = None
+    for v in _views(batches):
+        for index, logits in view_logits(teacher, batches, precision, v):
+            if array is None:
+                shape = (batches.num_views, len(batches.split), logits.shape[1])
+                array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=shape)
+            array[v, index.cpu().numpy()] = logits.cpu().numpy()
+    array.flush()
+    del array  # closes the map before the file is renamed
+
+
+def _views(batches) -> Iterator[int]:
+    return iter(tqdm(range(batches.num_views), desc="caching teacher logits", leave=False, dynamic_ncols=True))
+
+
 @torch.inference_mode()
-def compute_view_logits(teacher: nn.Module, batches: Batches, precision: Precision) -> torch.Tensor:
-    """The teacher's float16 logits for every pooled view of every image, (V, N, C)."""
+def view_logits(teacher: nn.Module, batches, precision: Precision, view: int) -> Iterator[tuple[torch.Tensor,
+                                                                                                  torch.Tensor]]:
+    """(image indices, the teacher's float16 logits) for pooled view `view` of every image, in order."""
     teacher.eval()
-    n = len(batches.split)
-    views = []
-    for v in tqdm(range(batches.num_views), desc="caching teacher logits", leave=False, dynamic_ncols=True):
-        chunks = []
-        for start in range(0, n, BUILD_BATCH_SIZE):
-            idx = torch.arange(start, min(start + BUILD_BATCH_SIZE, n), device=batches.device)
-            batch = batches.batch(idx, torch.full_like(idx, v))
-            with precision.autocast():
-                chunks.append(teacher(batch.x).to(torch.float16))
-        views.append(torch.cat(chunks))
-    return torch.stack(views)
+    for batch in batches.view_batches(view, BUILD_BATCH_SIZE):
+        with precision.autocast():
+            yield batch.index, teacher(batch.x).to(torch.float16)

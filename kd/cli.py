@@ -4,6 +4,7 @@ the training flags of train.py and tune.py."""
 import argparse
 import copy
 
+from kd.config import STORAGES
 from kd.errors import UserError
 from kd.settings import LR_SCHEDULES, OPTIMIZERS, TrainSettings
 
@@ -28,6 +29,13 @@ def positive_int(text: str) -> int:
     value = _number(text, int)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = _number(text, int)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
 
 
@@ -126,6 +134,11 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher_cache_views", type=positive_int, default=DEFAULTS.teacher_cache_views,
                    help="augmented views per training image in the cache's fixed view pool")
     p.add_argument("--cache_dir", default=DEFAULTS.cache_dir, help="where teacher-logit caches are kept")
+    p.add_argument("--data_storage", default=DEFAULTS.data_storage, choices=STORAGES,
+                   help="image folders: decode every image into memory, stream them from their files, or auto "
+                        "(memory when the decoded splits fit 4 GB); default: the task config's data.storage")
+    p.add_argument("--num_workers", type=non_negative_int, default=DEFAULTS.num_workers,
+                   help="processes that decode streamed images (default: the CPU count less one, at most 8)")
 
 
 def given_options(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:

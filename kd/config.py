@@ -14,6 +14,7 @@ from kd.errors import UserError
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 TASK_CONFIGS = {"A": CONFIG_DIR / "task_a.yaml", "B": CONFIG_DIR / "task_b.yaml"}
 DATA_SOURCES = ("digits", "fashion_mnist", "image_folder")
+STORAGES = ("auto", "memory", "stream")
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,8 @@ class TeacherSpec:
     # Where training starts when the checkpoint is missing: False = random weights, True = timm's
     # published weights (downloaded), a path = a local copy of such weights.
     pretrained: bool | str = False
-    stride_reduction: int = 1  # first downsampling layers halved for small inputs (kd.models.create_model)
+    # first downsampling layers halved for small inputs (kd.models.create_model); None: by the input size
+    stride_reduction: int | None = None
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,7 @@ class DataSpec:
     val_size: float = 0.15  # a fraction of the pool, or a count when >= 1
     test_size: float = 0.2  # used only where the source has no official test set
     root: str | None = None  # image_folder: the folder holding train/ [val/] [test/]
+    storage: str = "auto"  # image_folder: memory | stream | auto (kd.data.choose_storage)
 
 
 @dataclass(frozen=True)
@@ -70,7 +73,8 @@ class TaskConfig:
     std: tuple[float, ...]
     augment: AugmentSpec
     teachers: tuple[TeacherSpec, ...]
-    # First downsampling layers halved per student (kd.models.create_model); unnamed students: 1.
+    # First downsampling layers halved per student (kd.models.create_model); unnamed students: by the
+    # input size (kd.models.default_stride_reduction).
     student_stride_reduction: dict[str, int] = field(default_factory=dict)
     root: Path = CONFIG_DIR.parent  # relative checkpoint paths resolve against this
 
@@ -195,6 +199,8 @@ def _check_data(data: DataSpec, where: str) -> None:
         raise UserError(f"{where}: data.source must be one of {', '.join(DATA_SOURCES)}, got {data.source!r}")
     if data.input_size < 1:
         raise UserError(f"{where}: data.input_size must be a positive number of pixels, got {data.input_size}")
+    if data.storage not in STORAGES:
+        raise UserError(f"{where}: data.storage must be one of {', '.join(STORAGES)}, got {data.storage!r}")
     if data.source != "image_folder":
         return
     if not data.root:

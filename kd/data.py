@@ -8,6 +8,7 @@ on the training device; each model normalises its own input (see kd.models.Norma
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 from collections.abc import Iterator
 from typing import NamedTuple
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from kd.config import AugmentSpec, TaskConfig, list_class_folders
+from kd.config import STORAGES, AugmentSpec, TaskConfig, list_class_folders
 from kd.errors import UserError
 
 REPO_DATA_DIR = Path(__file__).resolve().parent.parent / "data"
@@ -46,40 +47,141 @@ class Split:
     def to(self, device) -> "Split":
         return Split(self.images.to(device), self.labels.to(device))
 
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        return tuple(self.images.shape[1:])
+
+    def image(self, i: int) -> torch.Tensor:
+        """Image i as uint8 (C, H, W)."""
+        return self.images[i]
+
+    def fingerprint(self) -> str:
+        """A hash of every image and label: what a teacher-logit cache and a resumed run are checked against."""
+        digest = hashlib.sha256()
+        digest.update(self.images.cpu().numpy().tobytes())
+        digest.update(self.labels.cpu().numpy().tobytes())
+        return digest.hexdigest()
+
+    def batches(self, batch_size: int, device, **options) -> "Batches":
+        """This split's batches on `device` (see `Batches` for the options)."""
+        return Batches(self, batch_size, device, **options)
+
+
+@dataclass(frozen=True)
+class FileSplit:
+    """A split read from its image files batch by batch, never held whole (data.storage stream)."""
+
+    paths: tuple[Path, ...]
+    labels: torch.Tensor  # int64 (N,)
+    channels: int
+    size: int  # every image is resized to size x size
+    num_workers: int  # DataLoader worker processes that decode the files
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        return self.channels, self.size, self.size
+
+    def image(self, i: int) -> torch.Tensor:
+        return torch.from_numpy(read_image(self.paths[i], self.channels, self.size))
+
+    def fingerprint(self) -> str:
+        """A hash of every file's path, size and modification time, and its label: a folder changed since
+        a cache was built (or a run started) has another fingerprint, without reading every image."""
+        digest = hashlib.sha256()
+        for path, label in zip(self.paths, self.labels.tolist()):
+            stat = path.stat()
+            digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\0{label}\n".encode())
+        return digest.hexdigest()
+
+    def batches(self, batch_size: int, device, **options):
+        """This split's batches on `device`, decoded by worker processes (kd.streaming.StreamBatches)."""
+        from kd.streaming import StreamBatches  # here: kd.streaming builds on this module
+
+        return StreamBatches(self, batch_size, device, **options)
+
 
 @dataclass(frozen=True)
 class TaskData:
-    train: Split
-    val: Split
-    test: Split
+    train: Split | FileSplit
+    val: Split | FileSplit
+    test: Split | FileSplit
     source: str  # where the data came from, for logs and reports
+    storage: str = "held in memory"  # how the splits are read, and why (kd.data.choose_storage)
 
     def split(self, name: str) -> Split:
         return {"train": self.train, "val": self.val, "test": self.test}[name]
 
 
-def load_task_data(task: TaskConfig, data_dir: str | os.PathLike | None = None) -> TaskData:
+RESIDENT_BUDGET_BYTES = 4 * 10 ** 9  # data.storage auto holds decoded splits in memory up to this size
+
+
+def load_task_data(task: TaskConfig, data_dir: str | os.PathLike | None = None, storage: str | None = None,
+                   num_workers: int | None = None) -> TaskData:
     """Load the task's dataset, split it the fixed way, resize to the task's input size.
 
     A split the source does not provide is carved, stratified, from the training pool: first the
     test split (data.test_size), then the validation split (data.val_size), seeded by data.split_seed.
-    `data_dir` overrides where Fashion-MNIST or an image folder is read from.
+    `data_dir` overrides where Fashion-MNIST or an image folder is read from. An image folder is
+    decoded into memory or streamed from its files by `num_workers` processes (default: from the CPU
+    count), as `storage` (default: the config's data.storage) says; see `choose_storage`.
     """
+    storage = storage or task.data.storage
+    check_storage(task, storage)  # before any reading
     arrays, source = _read_source(task, data_dir)
     if "test" not in arrays:
         arrays["train"], arrays["test"] = _stratified_split(*arrays["train"], task.data.test_size,
                                                             task.data.split_seed)
     if "val" not in arrays:
         arrays["train"], arrays["val"] = _stratified_split(*arrays["train"], task.data.val_size, task.data.split_seed)
-    splits = [_to_split(*arrays[name], task) for name in ("train", "val", "test")]
-    for name, split in zip(("train", "val", "test"), splits):
-        if len(split) == 0:
+    names = ("train", "val", "test")
+    for name in names:
+        if len(arrays[name][1]) == 0:
             raise UserError(f"the {name} split of task {task.name} is empty; check data.val_size/test_size")
-    return TaskData(*splits, source=source)
+    stream, why = choose_storage(task, storage, sum(len(arrays[n][1]) for n in names))
+    if stream:
+        workers = default_workers() if num_workers is None else num_workers
+        splits = [FileSplit(tuple(paths), torch.from_numpy(labels), task.data.channels, task.data.input_size, workers)
+                  for paths, labels in (arrays[n] for n in names)]
+        source += f", streamed from its files by {workers} worker process(es)"
+    else:
+        splits = [_to_split(*_decoded(*arrays[n], task), task) for n in names]
+    return TaskData(*splits, source=source, storage=f"{'streamed from disk' if stream else 'held in memory'} ({why})")
+
+
+def check_storage(task: TaskConfig, storage: str) -> None:
+    if storage not in STORAGES:
+        raise UserError(f"data.storage must be one of {', '.join(STORAGES)}, got {storage!r}")
+    if storage == "stream" and task.data.source != "image_folder":
+        raise UserError(f"data.storage stream reads image files; task {task.name}'s source {task.data.source} "
+                        "is a built-in dataset, held in memory (use memory or auto)")
+
+
+def choose_storage(task: TaskConfig, storage: str, count: int) -> tuple[bool, str]:
+    """(stream the images?, why). The built-in datasets are always held in memory; an image folder is
+    streamed when asked to, or with `auto` when its decoded splits exceed RESIDENT_BUDGET_BYTES."""
+    if task.data.source != "image_folder":
+        return False, f"the built-in {task.data.source} dataset"
+    if storage != "auto":
+        return storage == "stream", f"data.storage {storage}"
+    decoded = count * task.data.channels * task.data.input_size ** 2
+    fits = decoded <= RESIDENT_BUDGET_BYTES
+    return not fits, (f"data.storage auto: {count} images take {decoded / 1e9:.2f} GB decoded, "
+                      f"{'within' if fits else 'over'} the {RESIDENT_BUDGET_BYTES / 1e9:.1f} GB budget for memory")
+
+
+def default_workers() -> int:
+    """Decoding processes per loader: the process's share of the CPUs less one for training, at most 8."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    per_process = cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    return max(0, min(8, per_process - 1))
 
 
 def _read_source(task: TaskConfig, data_dir) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], str]:
-    """({split name: (images, labels)} for the splits the source provides, a description of the source)."""
+    """({split name: (images, labels)} for the splits the source provides, a description of the source);
+    an image folder's "images" are its file paths, decoded only once the storage is chosen."""
     if task.data.source == "digits":
         images, labels, source = _load_digits()
         return {"train": (images, labels)}, source
@@ -90,16 +192,16 @@ def _read_source(task: TaskConfig, data_dir) -> tuple[dict[str, tuple[np.ndarray
 
 
 def _load_image_folder(task: TaskConfig, root: Path):
-    """root/train/<class>/*, and root/val/, root/test/ where present, read in the task's class order."""
+    """root/train/<class>/*, and root/val/, root/test/ where present, listed in the task's class order."""
     if not (root / "train").is_dir():
         raise UserError(f"{root} has no train/ folder; an image_folder task needs {root}/train/<class>/<images>")
-    arrays = {name: _read_image_split(root / name, task) for name in ("train", "val", "test")
+    arrays = {name: _list_image_split(root / name, task) for name in ("train", "val", "test")
               if (root / name).is_dir()}
     return arrays, f"image folder {root} ({', '.join(arrays)})"
 
 
-def _read_image_split(folder: Path, task: TaskConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Every image below folder/<class>/, converted and resized like the task's input; (images, labels)."""
+def _list_image_split(folder: Path, task: TaskConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Every image file below folder/<class>/ and its label, in the task's class order: (paths, labels)."""
     found = list_class_folders(folder)
     unknown = [name for name in found if name not in task.classes]
     if unknown:
@@ -110,10 +212,18 @@ def _read_image_split(folder: Path, task: TaskConfig) -> tuple[np.ndarray, np.nd
     if missing:
         raise UserError(f"{folder} has no images of class(es) {', '.join(missing)} (no folder, or no "
                         f"{'/'.join(IMAGE_SUFFIXES)} files in it); every split needs each class")
-    files = [(path, label) for label, paths in enumerate(per_class) for path in paths]
-    images = [read_image(path, task.data.channels, task.data.input_size)
-              for path, _ in tqdm(files, desc=f"reading {folder}", leave=False)]
-    return np.stack(images), np.array([label for _, label in files], dtype=np.int64)
+    paths = np.empty(sum(map(len, per_class)), dtype=object)
+    paths[:] = [path for class_paths in per_class for path in class_paths]
+    return paths, np.array([label for label, class_paths in enumerate(per_class) for _ in class_paths], dtype=np.int64)
+
+
+def _decoded(images: np.ndarray, labels: np.ndarray, task: TaskConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Images as uint8 arrays: file paths (an image folder's) are read and resized like the task's input."""
+    if images.dtype != object:
+        return images, labels
+    decoded = [read_image(path, task.data.channels, task.data.input_size)
+               for path in tqdm(images, desc=f"reading {len(images)} images", leave=False)]
+    return np.stack(decoded), labels
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -135,7 +245,7 @@ def read_image(path: Path, channels: int, size: int) -> np.ndarray:
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:  # what PIL raises on bad files
         raise UserError(f"cannot read image {path}: {err}") from None
     array = np.asarray(image, dtype=np.uint8)
-    return array[None] if channels == 1 else array.transpose(2, 0, 1)
+    return np.ascontiguousarray(array[None] if channels == 1 else array.transpose(2, 0, 1))  # writable, for torch
 
 
 def _load_digits():
@@ -289,50 +399,43 @@ def _generator(*seeds: int) -> torch.Generator:
     return g
 
 
-class Batches:
-    """Iterate a Split in Batch tuples of float [0, 1] images on `device`.
+def active_augment(augment: AugmentSpec | None) -> AugmentSpec | None:
+    """The spec when it changes images, else None (no work per batch)."""
+    return augment if augment and (augment.crop_padding or augment.hflip) else None
 
-    Shuffling and augmentation draw from generators seeded by (seed, epoch), so an epoch's
-    batches are reproducible and independent of what ran before. With `views=V`, augmentation
-    comes from a fixed pool of V views per image, drawn once from `pool_seed`; each epoch picks
-    one of them per image. A pooled view can be replayed exactly, so its teacher logits can be
-    computed once and cached (kd.cache). With `drop_last` (training) an incomplete last batch is
-    left out, as timm's loader does: BatchNorm cannot train on a batch of one image at a 1x1 map, and
-    with shuffling every image is still seen over the epochs.
+
+def view_pool(n: int, augment: AugmentSpec | None, views: int, pool_seed: int) -> torch.Tensor:
+    """(V, N, 3) augmentation parameters of a fixed pool of V views per image, drawn on the CPU from
+    `pool_seed`; a single un-augmented view without augmentation."""
+    if augment is None:
+        return torch.zeros((1, n, 3), dtype=torch.long)
+    return torch.stack([sample_augment_params(n, augment, _generator(pool_seed, v), "cpu") for v in range(views)])
+
+
+class BatchPlan:
+    """Which images, with which augmentation, make up each of this process's batches, epoch by epoch.
+
+    The one source of order for both data paths (the resident `Batches` and kd.streaming's
+    `StreamBatches`), so they give the same batches for the same seed. Shuffling and augmentation
+    draw from CPU generators seeded by (seed, epoch): an epoch's batches are reproducible and
+    independent of what ran before, which makes a resumed run exact. With `num_views`, each epoch
+    picks one of the pool's views per image instead of drawing new parameters. Yields (index, params,
+    view) CPU tensors; params (B, 3) for fresh augmentation, view (B,) for a pooled one, else None.
     """
 
-    def __init__(self, split: Split, batch_size: int, device, *, shuffle: bool = False,
-                 augment: AugmentSpec | None = None, seed: int = 0, views: int | None = None,
-                 pool_seed: int = 0, rank: int = 0, world_size: int = 1, drop_last: bool = False):
-        self.split = split.to(device)
-        self.drop_last = drop_last
-        self.batch_size = batch_size
+    def __init__(self, n: int, batch_size: int, *, shuffle: bool = False, augment: AugmentSpec | None = None,
+                 seed: int = 0, num_views: int | None = None, rank: int = 0, world_size: int = 1,
+                 drop_last: bool = False):
+        self.n, self.batch_size, self.shuffle, self.augment = n, batch_size, shuffle, augment
+        self.seed, self.num_views, self.drop_last = seed, num_views, drop_last
         self.rank, self.world_size = rank, world_size
-        self.device = torch.device(device)
-        self.shuffle = shuffle
-        self.augment = augment if augment and (augment.crop_padding or augment.hflip) else None
-        self.seed = seed
         self.epoch = 0
-        self.pool_seed = pool_seed
-        self.view_params = self._view_pool(views) if views else None
-
-    @property
-    def num_views(self) -> int | None:
-        return None if self.view_params is None else len(self.view_params)
-
-    def _view_pool(self, views: int) -> torch.Tensor:
-        """(V, N, 3) augmentation parameters; a single un-augmented view without augmentation."""
-        n = len(self.split)
-        if self.augment is None:
-            return torch.zeros((1, n, 3), dtype=torch.long, device=self.device)
-        return torch.stack([sample_augment_params(n, self.augment, _generator(self.pool_seed, v), "cpu")
-                            for v in range(views)]).to(self.device)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self._batch_starts(len(self.split) + (-len(self.split)) % self.world_size))
+        return len(self._batch_starts(self.n + (-self.n) % self.world_size))
 
     def _batch_starts(self, n: int) -> range:
         """Where each global batch starts in an order of n images; a split smaller than one global
@@ -341,23 +444,22 @@ class Batches:
         stop = n - n % step if self.drop_last and n >= step else n
         return range(0, stop, step)
 
-    def __iter__(self) -> Iterator[Batch]:
-        n = len(self.split)
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]:
+        n = self.n
         order = torch.randperm(n, generator=_generator(self.seed, self.epoch, 0)) if self.shuffle else torch.arange(n)
         aug_gen = _generator(self.seed, self.epoch, 1)
-        chosen = None if self.view_params is None else torch.randint(0, self.num_views, (n,), generator=aug_gen)
+        chosen = None if self.num_views is None else torch.randint(0, self.num_views, (n,), generator=aug_gen)
         for global_batch in self._global_batches(order):
             mine = self._share(len(global_batch))
-            idx = global_batch[mine].to(self.device)
+            idx = global_batch[mine]
             if chosen is not None:
-                yield self.batch(idx, chosen[global_batch[mine]].to(self.device))
+                yield idx, None, chosen[idx]
             elif self.augment is not None:
                 # drawn for the whole global batch, so each process augments its images differently
                 # and the processes together augment exactly as one process would
-                params = sample_augment_params(len(global_batch), self.augment, aug_gen, "cpu")[mine]
-                yield self._make_batch(idx, params.to(self.device), None)
+                yield idx, sample_augment_params(len(global_batch), self.augment, aug_gen, "cpu")[mine], None
             else:
-                yield self._make_batch(idx, None, None)
+                yield idx, None, None
 
     def _global_batches(self, order: torch.Tensor) -> Iterator[torch.Tensor]:
         """Each global batch (batch_size x world_size images) of `order`.
@@ -376,6 +478,62 @@ class Batches:
         """This process's part of a global batch of `global_size` images."""
         share = global_size // self.world_size
         return slice(self.rank * share, (self.rank + 1) * share)
+
+
+class PlannedBatches:
+    """What both data paths share: a split, its augmentation, the pool of views and the BatchPlan.
+
+    With `views=V`, augmentation comes from a fixed pool of V views per image, drawn once from
+    `pool_seed`; each epoch picks one of them per image. A pooled view can be replayed exactly, so its
+    teacher logits can be computed once and cached (kd.cache). With `drop_last` (training) an
+    incomplete last batch is left out, as timm's loader does: BatchNorm cannot train on a batch of one
+    image at a 1x1 map, and with shuffling every image is still seen over the epochs.
+    """
+
+    def __init__(self, split, batch_size: int, device, *, shuffle: bool = False,
+                 augment: AugmentSpec | None = None, seed: int = 0, views: int | None = None,
+                 pool_seed: int = 0, rank: int = 0, world_size: int = 1, drop_last: bool = False):
+        self.split = split
+        self.device = torch.device(device)
+        self.augment = active_augment(augment)
+        self.view_params = view_pool(len(split), self.augment, views, pool_seed) if views else None
+        self.plan = BatchPlan(len(split), batch_size, shuffle=shuffle, augment=self.augment, seed=seed,
+                              num_views=self.num_views, rank=rank, world_size=world_size, drop_last=drop_last)
+
+    @property
+    def num_views(self) -> int | None:
+        return None if self.view_params is None else len(self.view_params)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.plan.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+
+class Batches(PlannedBatches):
+    """Iterate a resident Split in Batch tuples of float [0, 1] images on `device`, in the order of a
+    `BatchPlan`; augmentation runs on the whole batch at once, on the device. Options: `PlannedBatches`."""
+
+    def __init__(self, split: Split, batch_size: int, device, **options):
+        super().__init__(split.to(device), batch_size, device, **options)
+        if self.view_params is not None:
+            self.view_params = self.view_params.to(self.device)
+
+    def __iter__(self) -> Iterator[Batch]:
+        for idx, params, view in self.plan:
+            idx = idx.to(self.device)
+            if view is not None:
+                yield self.batch(idx, view.to(self.device))
+            else:
+                yield self._make_batch(idx, None if params is None else params.to(self.device), None)
+
+    def view_batches(self, view: int, batch_size: int) -> Iterator[Batch]:
+        """Every image of the split in order, as pooled view `view`: what a teacher-logit cache is built from."""
+        n = len(self.split)
+        for start in range(0, n, batch_size):
+            idx = torch.arange(start, min(start + batch_size, n), device=self.device)
+            yield self.batch(idx, torch.full_like(idx, view))
 
     def batch(self, idx: torch.Tensor, view: torch.Tensor | None = None) -> Batch:
         """The images at `idx`: pooled view `view` of each, or un-augmented without views."""

@@ -24,7 +24,7 @@ from kd import plots
 from kd.checkpoint import check_classes, load_state_into, load_weights
 from kd.cli import ArgumentParser
 from kd.config import TASK_CONFIGS, TaskConfig, load_task_config, parse_task_config
-from kd.data import Batches, Split, TaskData, load_task_data
+from kd.data import FileSplit, Split, TaskData, load_task_data
 from kd.engine import Precision, collect_logits, select_device
 from kd.errors import UserError, run_cli
 from kd.losses import compute_teacher_weights, teacher_target
@@ -172,11 +172,12 @@ def evaluate_task(task: str, run_dir=None, checkpoint=None, device: str = "auto"
     teachers = load_teachers(config, hint)
     student, student_meta = load_student(run, config)
     precision = Precision(select_device(device), None)  # fp32: the reference numbers, on any device
-    data = load_task_data(config, run.settings.get("data_dir"))
+    data = load_task_data(config, run.settings.get("data_dir"), run.settings.get("data_storage"),
+                          run.settings.get("num_workers"))
     log.info("task %s: evaluating %s (%s) on %d test images, device %s", config.name, run.run_dir,
              run.checkpoint.name, len(data.test), precision.device)
     models = {"student": student, **{f"teacher {name}": t for name, t in teachers.items()}}
-    speeds = measure_speeds(models, data.test.images.shape[1:], speed)  # on CPU, where models were loaded
+    speeds = measure_speeds(models, data.test.image_shape, speed)  # on CPU, where models were loaded
     logits, labels = predict_test_split(models, data.test, precision)
     results = score_models(config, run, logits, labels, models, speeds)
     out = Path(output_dir) if output_dir else Path("evaluation") / f"Task{config.name}"
@@ -195,9 +196,9 @@ def measure_speeds(models: dict[str, nn.Module], image_shape, settings: SpeedSet
     return speeds
 
 
-def predict_test_split(models: dict[str, nn.Module], split: Split, precision: Precision):
+def predict_test_split(models: dict[str, nn.Module], split: Split | FileSplit, precision: Precision):
     """({name: logits (N, C) on CPU}, labels (N,)) for every model on the test split."""
-    batches = Batches(split, EVAL_BATCH_SIZE, precision.device)
+    batches = split.batches(EVAL_BATCH_SIZE, precision.device)
     logits = {}
     for name, model in models.items():
         model.to(precision.device)
@@ -252,18 +253,19 @@ def provenance(run: RunSelection, student_meta: dict, data: TaskData, precision:
                speed: SpeedSettings, started: float) -> dict:
     return {"run_dir": str(run.run_dir), "checkpoint": str(run.checkpoint),
             "checkpoint_epoch": student_meta.get("epoch"), "checkpoint_val_acc": student_meta.get("val_acc"),
-            "test_size": len(data.test), "data_source": data.source, "device": str(precision.device),
+            "test_size": len(data.test), "data_source": data.source, "data_storage": data.storage,
+            "device": str(precision.device),
             "precision": precision.name, "speed": {"device": "cpu", **asdict(speed)},
             "torch": torch.__version__, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "seconds": round(time.perf_counter() - started, 1)}
 
 
-def write_outputs(out: Path, results: dict, config: TaskConfig, run: RunSelection, test: Split,
+def write_outputs(out: Path, results: dict, config: TaskConfig, run: RunSelection, test: Split | FileSplit,
                   student_logits: torch.Tensor) -> None:
     """The four figures, then metrics.json last, so a metrics.json always comes with its figures."""
     out.mkdir(parents=True, exist_ok=True)
     name = f"task {config.name}, student {results['student']['name']}"
-    plots.plot_sample_predictions(test.images, test.labels, student_logits.softmax(dim=1), config.classes,
+    plots.plot_sample_predictions(test.image, test.labels, student_logits.softmax(dim=1), config.classes,
                                   out / FIGURES[0])
     plots.plot_confusion_matrix(results["student"]["confusion_matrix"], config.classes, out / FIGURES[1],
                                 f"Confusion matrix, {name} (row-normalised)")

@@ -84,9 +84,10 @@ def export_student(run_dir=None, output_dir=None, checkpoint=None) -> ExportResu
 def parity_images(task: TaskConfig, run: RunSelection) -> torch.Tensor:
     """Up to PARITY_IMAGES test images of the task as float [0, 1], spread evenly over the split
     (an image-folder split is ordered by class)."""
-    test = load_task_data(task, run.settings.get("data_dir")).test
+    test = load_task_data(task, run.settings.get("data_dir"), run.settings.get("data_storage"),
+                          run.settings.get("num_workers")).test
     index = torch.linspace(0, len(test) - 1, min(len(test), PARITY_IMAGES)).round().long()
-    return test.images[index].float().div_(255.0)
+    return torch.stack([test.image(i) for i in index.tolist()]).float().div_(255.0)
 
 
 def write_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> Path:

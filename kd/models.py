@@ -31,6 +31,16 @@ class Normalized(nn.Module):
         return self.backbone((x - self.mean) / self.std)
 
 
+SMALL_INPUT_LIMIT = 64  # inputs below this many pixels get one halved stride by default
+
+
+def default_stride_reduction(input_size: int) -> int:
+    """Halvings for an input size when the config names none: one below SMALL_INPUT_LIMIT, where timm's 32x
+    downsampling would leave less than a 2x2 final map; none from 64 px on, where timm's architecture
+    (and its pretrained weights) is used as built."""
+    return 1 if input_size < SMALL_INPUT_LIMIT else 0
+
+
 def create_model(arch: str, num_classes: int, in_chans: int, mean: Sequence[float], std: Sequence[float], *,
                  pretrained: bool | Path = False, stride_reduction: int = 1) -> Normalized:
     """Build a timm architecture inside a Normalized wrapper.

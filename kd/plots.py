@@ -6,7 +6,7 @@ no GUI backend is needed and no global figure state is left behind.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,13 +58,15 @@ def select_samples(labels, predictions, confidence, count: int = 24, mistakes: i
     return np.concatenate([randoms, worst]).astype(int)
 
 
-def plot_sample_predictions(images, labels, probabilities, class_names: Sequence[str], path: Path,
-                            count: int = 24, mistakes: int = 6, columns: int = 6, seed: int = 0) -> Path:
-    """A grid of test images titled with the true class, the prediction and its confidence.
+def plot_sample_predictions(image_at: Callable[[int], object], labels, probabilities,
+                            class_names: Sequence[str], path: Path, count: int = 24, mistakes: int = 6,
+                            columns: int = 6, seed: int = 0) -> Path:
+    """A grid of test images (image_at(i): image i, (C, H, W)) titled with the true class, the prediction
+    and its confidence; only the shown images are read.
 
     Mistakes have a red title and border; the last row(s) hold the most confident mistakes.
     """
-    images, labels, probabilities = as_numpy(images), as_numpy(labels), as_numpy(probabilities)
+    labels, probabilities = as_numpy(labels), as_numpy(probabilities)
     predictions, confidence = probabilities.argmax(axis=1), probabilities.max(axis=1)
     chosen = select_samples(labels, predictions, confidence, count, mistakes, seed)
     n_mistakes = int(min(mistakes, (labels != predictions).sum()))
@@ -73,7 +75,8 @@ def plot_sample_predictions(images, labels, probabilities, class_names: Sequence
         fig = Figure(figsize=(2.3 * columns, 2.7 * rows + 0.8), layout="constrained")
         axes = fig.subplots(rows, columns, squeeze=False).ravel()
         for ax, i in zip(axes, chosen):
-            _show_prediction(ax, images[i], class_names[labels[i]], class_names[predictions[i]], confidence[i])
+            _show_prediction(ax, as_numpy(image_at(int(i))), class_names[labels[i]], class_names[predictions[i]],
+                             confidence[i])
         for ax in axes[len(chosen):]:
             ax.set_visible(False)
         fig.suptitle(f"Student predictions on test images (red: wrong): {len(chosen) - n_mistakes} at random, "

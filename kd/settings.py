@@ -43,3 +43,5 @@ class TrainSettings:
     label_smoothing: float = 0.0  # of the hard-label term
     optimizer: str = "adam"  # adam | adamw
     lr_schedule: str = "step"  # step (StepLR) | cosine
+    data_storage: str | None = None  # auto | memory | stream; None: the task config's data.storage
+    num_workers: int | None = None  # decoding processes of streamed data; None: from the CPU count

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from kd.config import TaskConfig
 from kd.errors import UserError
-from kd.models import Normalized, create_model
+from kd.models import Normalized, create_model, default_stride_reduction
 
 # The deployment-sized member of each family; see the README for the measured trade-offs.
 STUDENT_ARCHS = {
@@ -26,4 +26,5 @@ def build_student(name: str, task: TaskConfig) -> Normalized:
     """A new student for the task, fitted to its input as the task config says (measured per task: README)."""
     name = canonical_student_name(name)
     return create_model(STUDENT_ARCHS[name], task.num_classes, task.data.channels, task.mean, task.std,
-                        stride_reduction=task.student_stride_reduction.get(name, 1))
+                        stride_reduction=task.student_stride_reduction.get(
+                            name, default_stride_reduction(task.data.input_size)))

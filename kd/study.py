@@ -30,7 +30,6 @@ from matplotlib.figure import Figure
 from kd.cache import file_sha256
 from kd.checkpoint import atomic_write, load_weights
 from kd.config import TASK_CONFIGS, TaskConfig, load_task_config
-from kd.data import Batches, load_task_data
 from kd.engine import Precision, select_device
 from kd.errors import UserError
 from kd.plots import STYLE, label_ticks_apart
@@ -39,7 +38,7 @@ from kd.runs import run_name
 from kd.students import STUDENT_ARCHS, canonical_student_name
 from kd.teachers import load_teacher, teacher_accuracies
 from kd.settings import TrainSettings
-from kd.training import EVAL_BATCH_SIZE, train_student
+from kd.training import EVAL_BATCH_SIZE, load_data, train_student
 
 
 @dataclass(frozen=True)
@@ -314,8 +313,8 @@ def score_teachers(task: TaskConfig, base: TrainSettings) -> dict:
     """Test accuracy of each teacher and of argmax(mean_k softmax(z_k / T)), in fp32."""
     device = torch.device(base.device)
     precision = Precision(device, None)
-    test = load_task_data(task, base.data_dir).test
-    batches = Batches(test, EVAL_BATCH_SIZE, device)
+    test = load_data(task, base).test
+    batches = test.batches(EVAL_BATCH_SIZE, device)
     models = {spec.name: load_teacher(spec, task)[0].to(device) for spec in task.teachers}
     teachers, ensemble = teacher_accuracies(models, batches, precision, base.temperature)
     return {"task": task.name, "temperature": base.temperature, "test_images": len(test), "device": base.device,

@@ -12,7 +12,7 @@ from kd.config import TaskConfig, TeacherSpec
 from kd.engine import Precision, collect_logits
 from kd.errors import UserError
 from kd.losses import teacher_target
-from kd.models import Normalized, create_model
+from kd.models import Normalized, create_model, default_stride_reduction
 
 
 class TeacherEnsemble(nn.Module):
@@ -49,7 +49,11 @@ def build_teacher(spec: TeacherSpec, task: TaskConfig, *, pretrained: bool | Pat
     """The teacher's architecture fitted to the task's input (timm's own with `plain_timm`)."""
     return create_model(spec.arch, task.num_classes, task.data.channels, spec.mean or task.mean,
                         spec.std or task.std, pretrained=pretrained,
-                        stride_reduction=0 if plain_timm else spec.stride_reduction)
+                        stride_reduction=0 if plain_timm else teacher_stride_reduction(spec, task))
+
+
+def teacher_stride_reduction(spec: TeacherSpec, task: TaskConfig) -> int:
+    return default_stride_reduction(task.data.input_size) if spec.stride_reduction is None else spec.stride_reduction
 
 
 def load_teacher(spec: TeacherSpec, task: TaskConfig) -> tuple[Normalized, dict]:

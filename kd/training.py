@@ -18,11 +18,11 @@ import torch.nn as nn
 import yaml
 from torch.nn.parallel import DistributedDataParallel
 
-from kd.cache import BUDGET_BYTES, cache_bytes, cache_paths, load_or_build_cache
+from kd.cache import BUDGET_BYTES, DISK_BUDGET_BYTES, cache_bytes, cache_paths, load_or_build_cache, on_disk
 from kd.checkpoint import (atomic_torch_save, atomic_write, load_state_into, load_torch_checkpoint, load_weights,
                            save_weights)
 from kd.config import TaskConfig, TeacherSpec, load_task_config, normalisable
-from kd.data import Batches, TaskData, load_task_data
+from kd.data import TaskData, load_task_data
 from kd.engine import (Precision, evaluate, fit, online_teachers, rng_state, select_device, select_precision,
                        seed_everything, set_rng_state)
 from kd.distributed import World, broadcast, init_world, main_process_first, process_device, shutdown
@@ -97,7 +97,7 @@ def train_teachers(settings: TrainSettings) -> Path:
         if world.is_main:
             log_teachers(ensemble, task)
             _, accuracy = teacher_accuracies(dict(zip(ensemble.names, ensemble.models)),
-                                          Batches(data.test, EVAL_BATCH_SIZE, precision.device), precision,
+                                          data.test.batches(EVAL_BATCH_SIZE, precision.device), precision,
                                           settings.temperature)
             log.info("uniform ensemble (T = %g): test acc %.2f%%", settings.temperature, 100 * accuracy)
         return task.teacher_checkpoint(task.teachers[0]).parent
@@ -124,9 +124,14 @@ def _session(settings: TrainSettings, quiet: bool = False):
     try:
         setup_logging(quiet=quiet or not world.is_main)
         precision = select_precision(process_device(device, world), settings.amp)
-        yield task, load_task_data(task, settings.data_dir), precision, world
+        yield task, load_data(task, settings), precision, world
     finally:
         shutdown()
+
+
+def load_data(task: TaskConfig, settings: TrainSettings) -> TaskData:
+    """The task's splits, read from where and how the settings say."""
+    return load_task_data(task, settings.data_dir, settings.data_storage, settings.num_workers)
 
 
 def ensure_teachers(task: TaskConfig, data: TaskData, precision: Precision, world: World,
@@ -279,9 +284,14 @@ def _train_in(run_dir: Path, settings: TrainSettings, task: TaskConfig, trainee:
     device = precision.device
     log.info("task %s: %s | train %d, val %d, test %d images (%s)", task.name, task.description,
              len(data.train), len(data.val), len(data.test), data.source)
+    log.info("data: %s", data.storage)
     log.info("device %s, precision %s, %d process(es)", device, precision.name, world.size)
-    if not settings.resume and world.is_main:
-        write_yaml(_resolved_config(settings, task, trainee, precision, data.source, world), run_dir / "config.yaml")
+    fingerprint = data.train.fingerprint()
+    if settings.resume:
+        _check_same_data(run_dir, fingerprint)
+    elif world.is_main:
+        write_yaml(_resolved_config(settings, task, trainee, precision, data.source, world, fingerprint),
+                   run_dir / "config.yaml")
     if ensemble is not None:
         log_teachers(ensemble, task)
     if ensemble is not None and settings.channels_last:
@@ -297,7 +307,7 @@ def _train_in(run_dir: Path, settings: TrainSettings, task: TaskConfig, trainee:
     trained = _wrap_for_training(model, settings, device, world)
     optimizer = make_optimizer(settings, model.parameters())
     scheduler = make_scheduler(settings, optimizer)
-    val_batches = Batches(data.val, EVAL_BATCH_SIZE, device)
+    val_batches = data.val.batches(EVAL_BATCH_SIZE, device)
     criterion = KDLoss(settings.temperature, settings.alpha, settings.teacher_weighting,
                        fixed_weights=fixed_teacher_weights(settings.teacher_weights, task),
                        label_smoothing=settings.label_smoothing)
@@ -327,7 +337,7 @@ def _train_in(run_dir: Path, settings: TrainSettings, task: TaskConfig, trainee:
         if metrics:
             metrics.close()
     if world.is_main and hooks.score_test:
-        checkpoints.finish(Batches(data.test, EVAL_BATCH_SIZE, device))
+        checkpoints.finish(data.test.batches(EVAL_BATCH_SIZE, device))
 
 
 def make_optimizer(settings: TrainSettings, parameters) -> torch.optim.Optimizer:
@@ -393,9 +403,9 @@ def _teacher_source(settings: TrainSettings, task: TaskConfig, data: TaskData, e
     """(training batches, teacher logits per batch): replayed from the cache, run online, or None.
     `runs`: how many runs of these settings will share a cache this call builds."""
     def batches(views):
-        return Batches(data.train, settings.batch_size, precision.device, shuffle=True, augment=task.augment,
-                       seed=settings.seed, views=views, pool_seed=task.data.split_seed, rank=world.rank,
-                       world_size=world.size, drop_last=True)
+        return data.train.batches(settings.batch_size, precision.device, shuffle=True, augment=task.augment,
+                                  seed=settings.seed, views=views, pool_seed=task.data.split_seed, rank=world.rank,
+                                  world_size=world.size, drop_last=True)
 
     if ensemble is None:
         return batches(None), None
@@ -408,19 +418,40 @@ def _teacher_source(settings: TrainSettings, task: TaskConfig, data: TaskData, e
     return batches(None), online_teachers(ensemble)
 
 
-def _use_cache(settings: TrainSettings, pooled: Batches, paths: list[Path], num_classes: int, runs: int) -> bool:
-    if settings.teacher_cache == "on":
-        return True
+def _use_cache(settings: TrainSettings, pooled, paths: list[Path], num_classes: int, runs: int) -> bool:
     size = cache_bytes(len(paths), pooled.num_views, len(pooled.split), num_classes)
-    if size > BUDGET_BYTES:
-        log.info("teacher-logit cache off: %.1f GB exceeds the %.1f GB budget", size / 1e9, BUDGET_BYTES / 1e9)
+    if on_disk(pooled):
+        too_large = _disk_shortage(settings, size, paths)
+        if too_large and settings.teacher_cache == "on":
+            raise UserError(f"the teacher-logit cache would take {too_large}; use fewer --teacher_cache_views, "
+                            "another --cache_dir or --teacher_cache off")
+    elif settings.teacher_cache == "on":
+        return True
+    else:
+        too_large = f"{size / 1e9:.1f} GB exceeds the {BUDGET_BYTES / 1e9:.1f} GB budget" if size > BUDGET_BYTES \
+            else None
+    if too_large:
+        log.info("teacher-logit cache off: %s", too_large)
         return False
-    if any(not p.is_file() for p in paths) and settings.num_epochs * runs < pooled.num_views:
+    if settings.teacher_cache == "auto" and any(not p.is_file() for p in paths) \
+            and settings.num_epochs * runs < pooled.num_views:
         log.info("teacher-logit cache off: building it costs %d teacher passes over the data, more than %d "
                  "epoch(s) of training; --teacher_cache on builds it for later runs", pooled.num_views,
                  settings.num_epochs * runs)
         return False
     return True
+
+
+def _disk_shortage(settings: TrainSettings, size: int, paths: list[Path]) -> str | None:
+    """Why a cache on disk (streamed data) cannot be written: over DISK_BUDGET_BYTES or the free space of
+    --cache_dir; None when it fits."""
+    missing = sum(size // len(paths) for p in paths if not p.is_file())
+    Path(settings.cache_dir).mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(settings.cache_dir).free
+    if size <= DISK_BUDGET_BYTES and missing <= free:
+        return None
+    return (f"{size / 1e9:.1f} GB on disk ({missing / 1e9:.1f} GB to write, {free / 1e9:.1f} GB free in "
+            f"{settings.cache_dir}, budget {DISK_BUDGET_BYTES / 1e9:.0f} GB)")
 
 
 class RunCheckpoints:
@@ -493,9 +524,18 @@ def _student_metadata(task: TaskConfig, student_name: str, settings: TrainSettin
             "channels": task.data.channels, "temperature": settings.temperature, "alpha": settings.alpha}
 
 
-def _resolved_config(settings, task, trainee: Trainee, precision, data_source, world: World) -> dict:
+def _check_same_data(run_dir: Path, fingerprint: str) -> None:
+    """A resumed run must see the training images it started with (runs of earlier releases recorded none)."""
+    saved = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("data_fingerprint")
+    if saved is not None and saved != fingerprint:
+        raise UserError(f"cannot resume {run_dir}: its training data changed since the run started (files added, "
+                        "removed or modified); start a new run, or restore the data")
+
+
+def _resolved_config(settings, task, trainee: Trainee, precision, data_source, world: World, fingerprint) -> dict:
     return {"settings": dataclasses.asdict(settings), "trains": {"role": trainee.role, "label": trainee.label},
-            "task": task.to_dict(), "data_source": data_source, "device": str(precision.device),
+            "task": task.to_dict(), "data_source": data_source, "data_fingerprint": fingerprint,
+            "device": str(precision.device),
             "processes": world.size, "global_batch_size": settings.batch_size * world.size,
             "precision": precision.name, "torch": torch.__version__, "python": platform.python_version()}
 

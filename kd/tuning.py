@@ -39,7 +39,6 @@ from kd import plots
 from kd.checkpoint import atomic_write, load_weights
 from kd.cli import bounded_float, positive_float, unit_interval
 from kd.config import TaskConfig, load_task_config
-from kd.data import Batches, load_task_data
 from kd.engine import NonFiniteLoss, evaluate, select_device, select_precision
 from kd.errors import UserError
 from kd.evaluation import open_run_student
@@ -48,7 +47,7 @@ from kd.runs import run_name
 from kd.settings import TrainSettings
 from kd.study import or_dash, run_metadata, sample_sd, verdict
 from kd.students import canonical_student_name
-from kd.training import EVAL_BATCH_SIZE, RunHooks, prepare_teachers, read_run_settings, train_student
+from kd.training import EVAL_BATCH_SIZE, RunHooks, load_data, prepare_teachers, read_run_settings, train_student
 
 log = logging.getLogger("kd")
 
@@ -511,7 +510,7 @@ def test_accuracy(run_dir: Path, settings: TrainSettings) -> float:
     """The test accuracy of a run's best-validation student."""
     model, task, _ = open_run_student(run_dir)
     precision = select_precision(select_device(settings.device), settings.amp)
-    test = Batches(load_task_data(task, settings.data_dir).test, EVAL_BATCH_SIZE, precision.device)
+    test = load_data(task, settings).test.batches(EVAL_BATCH_SIZE, precision.device)
     return evaluate(model.to(precision.device), test, precision)["acc"]
 
 

@@ -43,7 +43,7 @@ def test_script_reports_user_errors_in_one_line(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         f"error: {config}: data: unknown key(s) colour; valid keys: channels, input_size, root, source, split_seed, "
-        "test_size, val_size"]
+        "storage, test_size, val_size"]
     assert "Traceback" not in result.stderr and not (tmp_path / "runs").exists()
 
 

@@ -117,8 +117,6 @@ def test_train_py_runs_under_torchrun_with_one_writer(tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                 str(free_port())]
     two = train(tmp_path, torchrun, 32, "ddp")
-    one = train(tmp_path, [sys.executable], 64, "single")
-    assert len(two) == len(one) == 3
-    # BatchNorm statistics are per process on CPU, so the curves agree closely, not exactly (the exact
-    # agreement of the steps is tested above); both learn the task.
-    assert min(float(two[-1]["val_acc"]), float(one[-1]["val_acc"])) > 0.7
+    # BatchNorm statistics are per process on CPU, so a two-process run agrees with one process closely,
+    # not exactly (the exact agreement of the steps is tested above); it learns the task.
+    assert len(two) == 3 and float(two[-1]["val_acc"]) > 0.7

@@ -139,7 +139,8 @@ def test_all_four_figures_are_written(tmp_path):
     names = ["T-shirt/top", "Trouser", "Ankle boot"]
     labels = rng.integers(0, 3, 30)
     probs = torch.softmax(torch.randn(30, 3), dim=1)
-    plots.plot_sample_predictions(rng.integers(0, 255, (30, 1, 8, 8), dtype=np.uint8), labels, probs, names,
+    images = rng.integers(0, 255, (30, 1, 8, 8), dtype=np.uint8)
+    plots.plot_sample_predictions(images.__getitem__, labels, probs, names,
                                   tmp_path / "samples.png", count=8, mistakes=2, columns=4)
     plots.plot_confusion_matrix(m.confusion_matrix(labels, probs.argmax(1), 3), names, tmp_path / "cm.png", "cm")
     rows = [{"epoch": e, "train_loss": 1 / e, "train_ce": 0.8 / e, "val_loss": 0.9 / e, "train_acc": 0.5 + e / 10,

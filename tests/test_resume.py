@@ -42,9 +42,6 @@ def assert_same_run(a: Path, b: Path) -> None:
 def test_killed_run_resumes_bit_for_bit(tmp_path, tiny_teachers):
     config = write_task(tmp_path, tiny_teachers)
     reference = run(train_command(config, tmp_path / "ref", tmp_path / "cache"))
-    again = run(train_command(config, tmp_path / "again", tmp_path / "cache"))
-    assert_same_run(reference, again)  # same seed and flags on CPU: identical metrics and weights
-
     process = subprocess.Popen(train_command(config, tmp_path / "killed", tmp_path / "cache"), cwd=ROOT,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
@@ -56,7 +53,7 @@ def test_killed_run_resumes_bit_for_bit(tmp_path, tiny_teachers):
     killed_dir = next((tmp_path / "killed").iterdir())
     resumed = run(train_command(config, tmp_path / "killed", tmp_path / "cache", "--resume", "auto"))
     assert resumed == killed_dir
-    assert_same_run(reference, resumed)
+    assert_same_run(reference, resumed)  # identical metrics and weights: determinism and exact resume at once
 
 
 @pytest.mark.slow

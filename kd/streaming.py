@@ -1,0 +1,141 @@
+"""The streaming data path: image files decoded batch by batch by DataLoader worker processes.
+
+For image folders too large to hold decoded (kd.data.choose_storage). The batches are those of the
+resident path: the same `BatchPlan` decides each batch's images and augmentation parameters in the
+main process, from (seed, epoch), so shuffling, crops and flips do not depend on the workers, a
+resumed run is exact, and under torchrun each process reads only its share of every global batch.
+The workers read, resize and augment single images (torchvision transforms v2); batches arrive in
+pinned memory on CUDA and are copied without blocking.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms.v2 import functional as TF
+
+from kd.config import AugmentSpec
+from kd.data import Batch, BatchPlan, FileSplit, PlannedBatches, read_image
+from kd.errors import UserError
+
+log = logging.getLogger("kd")
+Item = tuple[int, tuple[int, int, int] | None, int | None]  # (image index, augmentation params, pooled view)
+
+
+class ImageFiles(Dataset):
+    """Decodes one image per item: read and resized like the resident path (kd.data.read_image), then
+    cropped and flipped with the given parameters. An unreadable file gives None, reported by `collate`."""
+
+    def __init__(self, split: FileSplit, augment: AugmentSpec | None):
+        self.split, self.augment = split, augment
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, item: Item):
+        index, params, view = item
+        path = self.split.paths[index]
+        try:
+            image = torch.from_numpy(read_image(path, self.split.channels, self.split.size))
+        except UserError as err:
+            return None, str(err)
+        if params is not None:
+            image = augment_image(image, self.augment, *params)
+        return (image, int(self.split.labels[index]), index, view), None
+
+
+def augment_image(image: torch.Tensor, spec: AugmentSpec, dy: int, dx: int, flip: int) -> torch.Tensor:
+    """kd.data.apply_augment for one image: a crop of the zero-padded image at (dy, dx), then a flip."""
+    _, height, width = image.shape
+    if spec.crop_padding:
+        image = TF.crop(TF.pad(image, [spec.crop_padding] * 4, fill=0), dy, dx, height, width)
+    return TF.horizontal_flip(image) if spec.hflip and flip else image
+
+
+def collate(samples: list) -> tuple:
+    """(images uint8 (B, C, H, W), labels, indices, views or None, [unreadable file messages])."""
+    good = [sample for sample, _ in samples if sample is not None]
+    bad = [error for sample, error in samples if sample is None]
+    if not good:
+        return None, bad
+    images, labels, indices, views = zip(*good)
+    view = None if views[0] is None else torch.tensor(views)
+    return (torch.stack(images), torch.tensor(labels), torch.tensor(indices), view), bad
+
+
+class StreamBatches(PlannedBatches):
+    """Iterate a FileSplit in Batch tuples of float [0, 1] images on `device`, like kd.data.Batches
+    (the same options, see `PlannedBatches`, and the same batches for the same seed), with the images
+    decoded by `split.num_workers` worker processes (0: in this process).
+
+    An unreadable image found mid-epoch is skipped: its batch is one image shorter, and its path and
+    the reason are logged once per loader. A batch of nothing but unreadable files stops the run.
+    """
+
+    def __init__(self, split: FileSplit, batch_size: int, device, **options):
+        super().__init__(split, batch_size, device, **options)
+        self.reported: set[str] = set()
+        self._loader = self._make_loader(PlanItems(self.plan, self.view_params, self.augment), persistent=True)
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self._batches(self._loader)
+
+    def view_batches(self, view: int, batch_size: int) -> Iterator[Batch]:
+        """Every image of the split in order, as pooled view `view`: what a teacher-logit cache is built from."""
+        n = len(self.split)
+        starts = range(0, n, batch_size)
+        items = [[pooled_item(i, view, self.view_params, self.augment) for i in range(s, min(s + batch_size, n))]
+                 for s in starts]
+        return self._batches(self._make_loader(items, persistent=False))
+
+    def _make_loader(self, batch_sampler: Iterable[list[Item]], persistent: bool) -> DataLoader:
+        workers = self.split.num_workers
+        return DataLoader(ImageFiles(self.split, self.augment), batch_sampler=batch_sampler, num_workers=workers,
+                          collate_fn=collate, pin_memory=self.device.type == "cuda",
+                          persistent_workers=persistent and workers > 0, prefetch_factor=2 if workers else None)
+
+    def _batches(self, loader: DataLoader) -> Iterator[Batch]:
+        for batch, bad in loader:
+            self._report(bad)
+            if batch is None:
+                raise UserError(f"every image of a batch is unreadable, e.g. {bad[0]}; check the data folder")
+            images, labels, indices, view = (t if t is None else t.to(self.device, non_blocking=True) for t in batch)
+            yield Batch(images.float().div_(255.0), labels, indices, view)
+
+    def _report(self, errors: list[str]) -> None:
+        for error in errors:
+            if error not in self.reported:
+                self.reported.add(error)
+                log.warning("skipped an unreadable image: %s", error)
+
+
+def pooled_item(index: int, view: int, view_params: torch.Tensor, augment: AugmentSpec | None) -> Item:
+    """What a worker needs for pooled view `view` of an image: its index, crop and flip, and the view."""
+    return index, None if augment is None else tuple(view_params[view, index].tolist()), view
+
+
+class PlanItems:
+    """The batch sampler of the training loader: each batch of the plan as per-image items, drawn in the
+    main process, so the workers decode what the plan says and nothing depends on their number.
+
+    It holds the plan, not the StreamBatches: a reference back would make a cycle that only the garbage
+    collector frees, which may then run in a worker forked later and fail to stop this loader's workers.
+    """
+
+    def __init__(self, plan: BatchPlan, view_params: torch.Tensor | None, augment: AugmentSpec | None):
+        self.plan, self.view_params, self.augment = plan, view_params, augment
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __iter__(self) -> Iterator[list[Item]]:
+        for idx, params, view in self.plan:
+            if view is not None:
+                yield [pooled_item(i, v, self.view_params, self.augment) for i, v in zip(idx.tolist(), view.tolist())]
+            elif params is not None:
+                yield [(i, tuple(p), None) for i, p in zip(idx.tolist(), params.tolist())]
+            else:
+                yield [(i, None, None) for i in idx.tolist()]
