@@ -56,7 +56,8 @@ def augment_image(image: torch.Tensor, spec: AugmentSpec, dy: int, dx: int, flip
 
 
 def collate(samples: list) -> tuple:
-    """(images uint8 (B, C, H, W), labels, indices, views or None, [unreadable file messages])."""
+    """((images uint8 (B, C, H, W), labels, indices, views or None), [unreadable file messages]); the batch
+    is None when none of its files could be read."""
     good = [sample for sample, _ in samples if sample is not None]
     bad = [error for sample, error in samples if sample is None]
     if not good:
