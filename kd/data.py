@@ -1,8 +1,10 @@
-"""Data sources, fixed splits, and a device-resident batch iterator with batched augmentation.
+"""Data sources, fixed splits, the batch plan, and a device-resident batch iterator with batched augmentation.
 
-Every source (the built-in datasets and a folder of image files) is loaded into memory, so every
-split is kept as one uint8 tensor (N, C, H, W). Batches are sliced, augmented and scaled to [0, 1]
-on the training device; each model normalises its own input (see kd.models.Normalized).
+The built-in datasets, and image folders that fit the memory budget, are loaded into memory: each
+split is one uint8 tensor (N, C, H, W) (`Split`). Batches are sliced, augmented and scaled to [0, 1]
+on the training device; each model normalises its own input (see kd.models.Normalized). A larger
+image folder is kept as a list of files (`FileSplit`), whose batches kd.streaming decodes; both kinds
+take their batches from the same `BatchPlan`.
 """
 
 from __future__ import annotations
