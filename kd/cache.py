@@ -105,7 +105,7 @@ class DiskLogitCache:
 
 
 def cache_paths(checkpoints: list[Path], batches, precision: Precision, cache_dir: Path) -> list[Path]:
-    data = batches.split.fingerprint()
+    data = batches.split.fingerprint
     suffix = ".npy" if on_disk(batches) else ".safetensors"
     return [Path(cache_dir) / f"{cache_key(file_sha256(c), data, batches, precision.name)}{suffix}"
             for c in checkpoints]

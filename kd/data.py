@@ -15,6 +15,7 @@ import os
 from collections.abc import Iterator
 from typing import NamedTuple
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +58,7 @@ class Split:
         """Image i as uint8 (C, H, W)."""
         return self.images[i]
 
+    @cached_property  # a run checks it for resume and for its cache key: hash once
     def fingerprint(self) -> str:
         """A hash of every image and label: what a teacher-logit cache and a resumed run are checked against."""
         digest = hashlib.sha256()
@@ -89,6 +91,7 @@ class FileSplit:
     def image(self, i: int) -> torch.Tensor:
         return torch.from_numpy(read_image(self.paths[i], self.channels, self.size))
 
+    @cached_property
     def fingerprint(self) -> str:
         """A hash of every file's path, size and modification time, and its label: a folder changed since
         a cache was built (or a run started) has another fingerprint, without reading every image."""

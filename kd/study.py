@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import glob
+import hashlib
 import io
 import json
 import re
@@ -63,8 +64,8 @@ BUDGET_FLAGS = ("num_epochs", "lr", "batch_size", "temperature", "alpha", "weigh
 RUN_KEYS = ("task", "student_model", "seed", "run", "teacher_weighting", "teacher_cache", "output_dir", "resume")
 # Where files go changes no result, and alpha is a column of its own (alpha0 rows serve every --alpha).
 NOT_BUDGET = RUN_KEYS + ("alpha", "cache_dir")
-COLUMNS = ("task", "student", "arm", "seed", "alpha", "weighting", "cache", "epochs", "wall_s", "best_epoch",
-           "val_acc", "test_acc", "threads", "built", "run_dir", "budget")
+COLUMNS = ("task", "student", "arm", "seed", "alpha", "weighting", "cache", "teachers", "epochs", "wall_s",
+           "best_epoch", "val_acc", "test_acc", "threads", "built", "run_dir", "budget")
 CSV_TYPES = {"seed": int, "alpha": float, "epochs": int, "wall_s": float, "best_epoch": int, "val_acc": float,
              "test_acc": float, "threads": int, "budget": json.loads}
 GAIN_POINTS = 0.5
@@ -150,7 +151,8 @@ def run_study(plan: StudyPlan) -> str:
     out = study_folder(plan, task)
     table = out / "runs.csv"
     planned = planned_runs(plan)
-    todo = [key for key in planned if key not in finished_runs(read_rows(table), task.name, base)]
+    finished = finished_runs(read_rows(table), task.name, base, teachers_key(task))
+    todo = [key for key in planned if key not in finished]
     print(f"task {task.name}: {len(planned)} runs planned, {len(planned) - len(todo)} already in {table}, "
           f"{len(todo)} to train", flush=True)
     for i, (student, arm, seed) in enumerate(todo, 1):
@@ -159,7 +161,7 @@ def run_study(plan: StudyPlan) -> str:
         print(f"[{i}/{len(todo)}] {arm} {student} seed {seed}: test acc {row['test_acc']:.2%} in "
               f"{row['wall_s']:.0f}s", flush=True)
     teachers = measure_teachers(task, base, out / "teachers.json")
-    done = finished_runs(read_rows(table), task.name, base)
+    done = finished_runs(read_rows(table), task.name, base, teachers_key(task))
     rows = [done[key] for key in planned if key in done]
     others = [row for key, row in done.items() if key not in planned]  # earlier studies' runs at this budget
     stats = summarize(rows + others)
@@ -219,6 +221,7 @@ def train_arm(task: TaskConfig, base: TrainSettings, student: str, arm: str, see
     spec = ARMS[arm]
     return {"task": task.name, "student": student, "arm": arm, "seed": seed, "alpha": settings.alpha,
             "weighting": spec.weighting if spec.kd else "none", "cache": spec.cache if spec.kd else "none",
+            "teachers": teachers_key(task) if spec.kd else "",
             "epochs": settings.num_epochs, "wall_s": round(seconds, 2), "best_epoch": meta["epoch"],
             "val_acc": meta["val_acc"], "test_acc": meta["test_acc"], "threads": torch.get_num_threads(),
             "built": " ".join(built), "run_dir": run_dir.relative_to(out).as_posix(),
@@ -257,14 +260,26 @@ def same_budget(saved: dict, budget: dict) -> bool:
     return {**budget_of(TrainSettings()), **saved} == budget
 
 
-def finished_runs(rows: list[dict], task_name: str, base: TrainSettings) -> dict[tuple[str, str, int], dict]:
-    """Rows of this task and budget by (student, arm, seed); of duplicates, the first."""
+def teachers_key(task: TaskConfig) -> str | None:
+    """Names the task's teacher checkpoints by content, so a KD row counts only beside the teachers it
+    learnt from; None while one is missing."""
+    paths = [task.teacher_checkpoint(spec) for spec in task.teachers]
+    if not all(path.is_file() for path in paths):
+        return None
+    listing = "\n".join(f"{spec.name} {file_sha256(path)}" for spec, path in zip(task.teachers, paths))
+    return hashlib.sha256(listing.encode()).hexdigest()[:16]
+
+
+def finished_runs(rows: list[dict], task_name: str, base: TrainSettings,
+                  teachers: str | None) -> dict[tuple[str, str, int], dict]:
+    """Rows of this task and budget by (student, arm, seed), KD rows only of the `teachers` (teachers_key);
+    of duplicates, the first."""
     budget = budget_of(base)
     found = {}
     for row in rows:
         arm = ARMS.get(row["arm"])
         if (row["task"] == task_name and arm is not None and row["alpha"] == (base.alpha if arm.kd else 0.0)
-                and same_budget(row["budget"], budget)):
+                and (not arm.kd or row["teachers"] == teachers) and same_budget(row["budget"], budget)):
             found.setdefault((row["student"], row["arm"], row["seed"]), row)
     return found
 
@@ -387,7 +402,8 @@ def format_summary(task: TaskConfig, plan: StudyPlan, base: TrainSettings, out: 
                 if others else "") + ". Test accuracy is that of each run's "
              "best-validation checkpoint. Arms: alpha0 = labels only; uniform, entropy, confidence = KD with that "
              f"teacher weighting from the teacher-logit cache ({base.teacher_cache_views} fixed views per image); "
-             "uniform_online = uniform KD with the teachers run online on fresh augmentation.", "",
+             "uniform_online = uniform KD with the teachers run online on fresh augmentation. KD runs count only "
+             "beside the teacher checkpoints they learnt from (runs.csv's teachers column), those below.", "",
              VERDICT_RULE, ""]
     for student, arms in stats.items():
         lines += [f"## {student}", "", *format_table(arms), ""]

@@ -286,7 +286,7 @@ def _train_in(run_dir: Path, settings: TrainSettings, task: TaskConfig, trainee:
              len(data.train), len(data.val), len(data.test), data.source)
     log.info("data: %s", data.storage)
     log.info("device %s, precision %s, %d process(es)", device, precision.name, world.size)
-    fingerprint = data.train.fingerprint()
+    fingerprint = data.train.fingerprint
     if settings.resume:
         _check_same_data(run_dir, fingerprint)
     elif world.is_main:

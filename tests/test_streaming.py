@@ -165,8 +165,9 @@ def test_disk_cache_replays_each_views_teacher_logits(folder_task, tmp_path):
         assert torch.allclose(cache(batch).float(), ensemble(batch.x), rtol=2e-3, atol=2e-3)
 
     time.sleep(0.01)
-    stream.train.paths[0].touch()  # the folder changed after the cache was built: another key
-    assert set(cache_paths(checkpoints, streamed, CPU, tmp_path / "cache")).isdisjoint(paths)
+    stream.train.paths[0].touch()  # the folder changed after the cache was built: a later run gets another key
+    later = dataclasses.replace(stream.train).batches(8, "cpu", shuffle=True, augment=AUGMENT, views=2)
+    assert set(cache_paths(checkpoints, later, CPU, tmp_path / "cache")).isdisjoint(paths)
     resident = memory.train.batches(8, "cpu", shuffle=True, augment=AUGMENT, views=2)
     assert cache_paths(checkpoints, resident, CPU, tmp_path / "cache")[0].suffix == ".safetensors"
 

@@ -11,7 +11,7 @@ import torch.nn as nn
 import kd.study
 from kd.checkpoint import load_weights, save_weights
 from kd.study import (budget_settings, finished_runs, parse_overrides, remove_interrupted_runs,
-                      summarize, verdict)
+                      summarize, teachers_key, verdict)
 from kd.config import load_task_config
 from kd.data import load_task_data
 from kd.errors import UserError
@@ -31,7 +31,7 @@ def load_script():
 
 def row(student, arm, seed, acc, **extra):
     return {"task": "T", "student": student, "arm": arm, "seed": seed, "alpha": 0.0 if arm == "alpha0" else 0.5,
-            "test_acc": acc, "wall_s": 10.0, "built": "", **extra}
+            "teachers": "" if arm == "alpha0" else "t1", "test_acc": acc, "wall_s": 10.0, "built": "", **extra}
 
 
 def test_summary_statistics_on_hand_made_rows():
@@ -72,9 +72,26 @@ def test_rows_of_another_budget_or_alpha_are_not_reused():
     rows = [row("S", "uniform", 1, 0.9, budget=budget), row("S", "uniform", 2, 0.9, budget=other),
             row("S", "uniform", 3, 0.9, budget=older), row("S", "alpha0", 1, 0.8, budget=budget),
             {**row("S", "uniform", 4, 0.9, budget=budget), "alpha": 0.3}]
-    assert set(finished_runs(rows, "T", base)) == {("S", "uniform", 1), ("S", "uniform", 3), ("S", "alpha0", 1)}
-    assert set(finished_runs(rows, "T", TrainSettings(task="x", num_epochs=3, alpha=0.3, device="cpu"))) == {
+    assert set(finished_runs(rows, "T", base, "t1")) == {("S", "uniform", 1), ("S", "uniform", 3),
+                                                         ("S", "alpha0", 1)}
+    assert set(finished_runs(rows, "T", TrainSettings(task="x", num_epochs=3, alpha=0.3, device="cpu"), "t1")) == {
         ("S", "uniform", 4), ("S", "alpha0", 1)}  # alpha0 serves every --alpha
+
+
+def test_kd_rows_count_only_beside_their_teachers(tmp_path, tiny_teachers):
+    task = load_task_config(str(write_task(tmp_path, tiny_teachers)))
+    key = teachers_key(task)
+    base = TrainSettings(task="x", alpha=0.5, device="cpu")
+    budget = json.loads(json.dumps(kd.study.budget_of(base)))
+    rows = [row("S", "alpha0", 1, 0.8, budget=budget), row("S", "uniform", 1, 0.9, budget=budget, teachers=key)]
+    assert set(finished_runs(rows, "T", base, key)) == {("S", "alpha0", 1), ("S", "uniform", 1)}
+
+    checkpoint = task.teacher_checkpoint(task.teachers[0])
+    save_weights(nn.Linear(2, 2), checkpoint, {"arch": "retrained"})  # other weights under the same name
+    assert teachers_key(task) not in (key, None)
+    assert set(finished_runs(rows, "T", base, teachers_key(task))) == {("S", "alpha0", 1)}
+    checkpoint.unlink()
+    assert teachers_key(task) is None and set(finished_runs(rows, "T", base, None)) == {("S", "alpha0", 1)}
 
 
 def test_interrupted_run_folders_are_removed_finished_ones_kept(tmp_path):
