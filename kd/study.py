@@ -427,7 +427,11 @@ def format_table(arms: list[ArmStats]) -> list[str]:
 
 
 def or_dash(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
+    if value is None:
+        return "-"
+    text = format(value, spec)
+    # a difference that rounds to zero (-1e-15, -0.004) is no loss: never print "-0.00"
+    return text.replace("-", "+" if "+" in spec else "", 1) if float(text) == 0 else text
 
 
 def format_teachers(teachers: dict | None, stats: dict[str, list[ArmStats]]) -> list[str]:

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 import kd.study
 from kd.checkpoint import load_weights, save_weights
-from kd.study import (budget_settings, finished_runs, parse_overrides, remove_interrupted_runs,
+from kd.study import (budget_settings, finished_runs, or_dash, parse_overrides, remove_interrupted_runs,
                       summarize, teachers_key, verdict)
 from kd.config import load_task_config
 from kd.data import load_task_data
@@ -54,6 +54,11 @@ def test_summary_statistics_on_hand_made_rows():
     assert uniform.gain == pytest.approx(1.5) and uniform.verdict == "gain"
     assert stats["entropy"].paired_mean == pytest.approx(1 / 3) and stats["entropy"].verdict == "within noise"
     assert stats["confidence"].verdict == "loss"
+
+
+def test_table_numbers_have_no_negative_zero():
+    assert or_dash(-1e-15, "+.2f") == "+0.00" and or_dash(-0.004, ".2f") == "0.00"
+    assert or_dash(-0.5, "+.2f") == "-0.50" and or_dash(None, ".2f") == "-"
 
 
 def test_verdict_rule():
