@@ -26,8 +26,9 @@ GOOD = {"temperature": 2.0, "alpha": 0.5, "lr": 0.01, "weight_decay": 1e-5, "tea
 
 
 def tune_args(config: Path, out: Path, *extra: str) -> list[str]:
+    # batch 256: 4 steps an epoch, so trials that only need to run cost about a second an epoch
     return ["--config", str(config), "--device", "cpu", "--student_model", "MobileNetV3", "--num_epochs", "2",
-            "--batch_size", "64", "--output", str(out), "--cache_dir", str(out.parent / "cache"), *extra]
+            "--batch_size", "256", "--output", str(out), "--cache_dir", str(out.parent / "cache"), *extra]
 
 
 def sqlite(out: Path) -> str:
@@ -99,19 +100,19 @@ def test_a_search_prunes_a_hopeless_trial_continues_on_rerun_and_reports(tmp_pat
     out.mkdir()
     space = tmp_path / "space.yaml"
     space.write_text("lr: {low: 1.0e-7, high: 0.02, log: true}\n")
-    # three good trials, then one that cannot learn: the median pruner must stop it once its 2 warm-up
-    # epochs are done
+    # three good trials, then one that cannot learn: the median pruner must stop it once its warm-up epoch
+    # is done. Batch 64: the good trials need enough steps in that epoch to leave chance behind
     enqueue(out, *[{**GOOD, "temperature": t} for t in (1.5, 2.0, 3.0)], {**GOOD, "lr": 1e-7})
-    argv = tune_args(config, out, "--num_epochs", "3", "--prune_warmup", "2", "--search_space", str(space))
+    argv = tune_args(config, out, "--batch_size", "64", "--prune_warmup", "1", "--search_space", str(space))
     tune.main([*argv, "--trials", "4"])
 
     study = optuna.load_study(study_name=STUDY, storage=sqlite(out))
     states = [t.state for t in study.trials]
     assert states == [TrialState.COMPLETE] * 3 + [TrialState.PRUNED]
     hopeless = study.trials[3]
-    assert len(hopeless.intermediate_values) == 2  # stopped after epoch 2 of 3
+    assert len(hopeless.intermediate_values) == 1  # stopped after epoch 1 of 2
     with (out / hopeless.user_attrs["run_dir"] / "metrics.csv").open() as f:
-        assert len(list(csv.DictReader(f))) == 2
+        assert len(list(csv.DictReader(f))) == 1
     first = [(t.number, t.value, t.params) for t in study.trials]
 
     tune.main([*argv, "--trials", "5"])  # the same command with more trials continues the study
