@@ -66,6 +66,17 @@ def cache_key(teacher_sha: str, data_fingerprint: str, batches: Batches, precisi
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 
+def repeated_views_note(num_epochs: int, batches) -> str | None:
+    """A note when a run's epochs outnumber its pool's augmented views: each image's few crops then
+    come back again and again, where online teachers would see fresh ones; None when nothing repeats."""
+    if batches.augment is None or num_epochs <= batches.num_views:
+        return None
+    return (f"teacher-logit cache: {num_epochs} epochs replay {batches.num_views} augmented views per image, so "
+            f"each view comes back about {num_epochs / batches.num_views:.0f} times; that costs accuracy against "
+            f"online teachers (README, \"The teacher-logit cache\"): --teacher_cache_views {num_epochs} or "
+            "--teacher_cache off avoids it")
+
+
 def cache_bytes(num_teachers: int, views: int, num_images: int, num_classes: int) -> int:
     return num_teachers * views * num_images * num_classes * 2  # float16
 

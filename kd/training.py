@@ -18,7 +18,8 @@ import torch.nn as nn
 import yaml
 from torch.nn.parallel import DistributedDataParallel
 
-from kd.cache import BUDGET_BYTES, DISK_BUDGET_BYTES, cache_bytes, cache_paths, load_or_build_cache, on_disk
+from kd.cache import (BUDGET_BYTES, DISK_BUDGET_BYTES, cache_bytes, cache_paths, load_or_build_cache, on_disk,
+                      repeated_views_note)
 from kd.checkpoint import (atomic_torch_save, atomic_write, load_state_into, load_torch_checkpoint, load_weights,
                            save_weights)
 from kd.config import TaskConfig, TeacherSpec, load_task_config, normalisable
@@ -414,6 +415,8 @@ def _teacher_source(settings: TrainSettings, task: TaskConfig, data: TaskData, e
         paths = cache_paths([task.teacher_checkpoint(t) for t in task.teachers], pooled, precision,
                             Path(settings.cache_dir))
         if _use_cache(settings, pooled, paths, task.num_classes, runs):
+            if note := repeated_views_note(settings.num_epochs, pooled):
+                log.info(note)  # not a warning: a tuner's trials and every DDP process would repeat it
             return pooled, load_or_build_cache(list(ensemble.models), paths, pooled, precision)
     return batches(None), online_teachers(ensemble)
 

@@ -2,7 +2,7 @@ import dataclasses
 
 import torch
 
-from kd.cache import cache_paths, load_or_build_cache
+from kd.cache import cache_paths, load_or_build_cache, repeated_views_note
 from kd.checkpoint import save_weights
 from kd.config import AugmentSpec
 from kd.data import Batches, Split
@@ -84,3 +84,12 @@ def test_without_augmentation_the_pool_is_one_view(tmp_path):
     assert cache.logits.shape[1] == 1
     batch = next(iter(batches))
     assert torch.allclose(cache(batch).float(), ensemble(batch.x), rtol=2e-3, atol=2e-3)
+
+
+def test_a_run_longer_than_the_pool_of_views_is_warned_that_its_crops_repeat(tmp_path):
+    _, _, batches = setup(tmp_path, views=4)
+    note = repeated_views_note(20, batches)
+    assert "20 epochs replay 4 augmented views" in note and "--teacher_cache_views 20" in note
+    assert repeated_views_note(4, batches) is None  # every epoch can still get a view of its own
+    _, _, plain = setup(tmp_path, augment=AugmentSpec(), views=4)
+    assert repeated_views_note(20, plain) is None  # without augmentation online teachers see the same image
