@@ -8,6 +8,7 @@ the epochs the budget bought. Run it on an otherwise idle machine: the budget is
 
     python benchmarks/input_fit.py --task A --budget 40 --seeds 1 2
     python benchmarks/input_fit.py --task B --students MobileNetV3 --budget 150 --options 28:0 28:1 28:2
+    python benchmarks/input_fit.py --task B --students cs3darknet_s resnet18 --options 28:1 --speed_only
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import math
 import statistics
 import time
 
+import timm
 import torch
 
 from kd.config import load_task_config
@@ -33,7 +35,9 @@ DEFAULT_OPTIONS = {"A": ["16:1", "16:2", "24:1", "32:1", "32:0"], "B": ["28:0", 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--task", default="A", choices=["A", "B"])
-    p.add_argument("--students", nargs="+", default=list(STUDENT_ARCHS), choices=list(STUDENT_ARCHS))
+    p.add_argument("--students", nargs="+", default=list(STUDENT_ARCHS), type=model_name, metavar="MODEL",
+                   help="student names or any timm architecture, e.g. a candidate teacher "
+                        f"(default: {' '.join(STUDENT_ARCHS)})")
     p.add_argument("--options", nargs="+", default=None, metavar="SIZE:HALVED",
                    help="input size and first downsampling layers halved, e.g. 32:1 (default per task)")
     p.add_argument("--budget", type=float, default=40.0, help="training seconds per run")
@@ -43,6 +47,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--timing_images", type=int, default=4096, help="images of the timed training pass")
     p.add_argument("--speed_only", action="store_true", help="time the training epoch only, train nothing")
     return p
+
+
+def model_name(name: str) -> str:
+    """A student name or a timm architecture; an argparse error otherwise."""
+    if name in STUDENT_ARCHS or timm.is_model(name):
+        return name
+    raise argparse.ArgumentTypeError(f"neither a student ({', '.join(STUDENT_ARCHS)}) nor a timm architecture: {name}")
 
 
 def final_map(model, size: int) -> int:
@@ -92,7 +103,7 @@ def main(args) -> None:
     options = [tuple(int(v) for v in o.split(":")) for o in (args.options or DEFAULT_OPTIONS[args.task])]
     print(f"task {args.task}, budget {args.budget:.0f} s of training per run, seeds {args.seeds}, "
           f"lr {args.lr}, batch {args.batch_size}, {torch.get_num_threads()} threads, validation accuracy")
-    print(f"{'student':<13}{'input':>6}{'halved':>7}{'map':>5}{'img/s':>8}{'epochs':>7}"
+    print(f"{'model':<22}{'input':>6}{'halved':>7}{'map':>5}{'img/s':>8}{'epochs':>7}"
           f"{'val acc mean':>13}{'sd':>6}  per seed")
     for size in sorted({s for s, _ in options}):
         task = dataclasses.replace(base, data=dataclasses.replace(base.data, input_size=size))
@@ -101,10 +112,10 @@ def main(args) -> None:
             for s, halved in options:
                 if s != size:
                     continue
-                arch = STUDENT_ARCHS[student]
+                arch = STUDENT_ARCHS.get(student, student)
                 seconds = epoch_seconds(arch, task, data, halved, args)
                 epochs = max(1, math.floor(args.budget / seconds))
-                line = (f"{student:<13}{size:>6}{halved:>7}{final_map(new_model(arch, task, halved), size):>5}"
+                line = (f"{student:<22}{size:>6}{halved:>7}{final_map(new_model(arch, task, halved), size):>5}"
                         f"{len(data.train) / seconds:>8.0f}{epochs:>7}")
                 if not args.speed_only:
                     accs = [100 * val_accuracy(arch, task, data, halved, seed, epochs, args) for seed in args.seeds]

@@ -4,7 +4,7 @@ the training flags of train.py and tune.py."""
 import argparse
 import copy
 
-from kd.config import STORAGES
+from kd.config import MAX_STRIDE_REDUCTION, STORAGES
 from kd.errors import UserError
 from kd.settings import LR_SCHEDULES, OPTIMIZERS, TrainSettings
 
@@ -66,6 +66,13 @@ def fraction(text: str) -> float:
     value = _number(text, float)
     if not 0.0 < value <= 1.0:
         raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
+def halvings(text: str) -> int:
+    value = _number(text, int)
+    if not 0 <= value <= MAX_STRIDE_REDUCTION:
+        raise argparse.ArgumentTypeError(f"must be 0 to {MAX_STRIDE_REDUCTION}, got {value}")
     return value
 
 
@@ -139,6 +146,10 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
                         "(memory when the decoded splits fit 4 GB); default: the task config's data.storage")
     p.add_argument("--num_workers", type=non_negative_int, default=DEFAULTS.num_workers,
                    help="processes that decode streamed images (default: the CPU count less one, at most 8)")
+    p.add_argument("--stride_reduction", type=halvings, default=DEFAULTS.stride_reduction, metavar="{0,1,2,3}",
+                   help="how many of the student's first downsampling layers are halved, each doubling every "
+                        "later feature map (default: the task config's student_stride_reduction, else 1 below "
+                        "64 px and 0 from 64 px on)")
 
 
 def given_options(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:

@@ -15,6 +15,7 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 TASK_CONFIGS = {"A": CONFIG_DIR / "task_a.yaml", "B": CONFIG_DIR / "task_b.yaml"}
 DATA_SOURCES = ("digits", "fashion_mnist", "image_folder")
 STORAGES = ("auto", "memory", "stream")
+MAX_STRIDE_REDUCTION = 3  # halved downsampling layers; more would leave ImageNet models without downsampling
 
 
 @dataclass(frozen=True)
@@ -142,8 +143,10 @@ def _optional_floats(values) -> tuple[float, ...] | None:
 
 
 def _stride_reductions(value) -> dict[str, int]:
-    if not isinstance(value, dict) or not all(isinstance(v, int) and 0 <= v <= 3 for v in value.values()):
-        raise TypeError(f"student_stride_reduction must map student names to 0-3, got {value!r}")
+    if not isinstance(value, dict) or not all(isinstance(v, int) and 0 <= v <= MAX_STRIDE_REDUCTION
+                                              for v in value.values()):
+        raise TypeError(f"student_stride_reduction must map student names to 0-{MAX_STRIDE_REDUCTION}, "
+                        f"got {value!r}")
     return {str(name): v for name, v in value.items()}
 
 

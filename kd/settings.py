@@ -45,3 +45,4 @@ class TrainSettings:
     lr_schedule: str = "step"  # step (StepLR) | cosine
     data_storage: str | None = None  # auto | memory | stream; None: the task config's data.storage
     num_workers: int | None = None  # decoding processes of streamed data; None: from the CPU count
+    stride_reduction: int | None = None  # the student's first downsampling layers halved; None: the task config's

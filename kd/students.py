@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from kd.config import TaskConfig
 from kd.errors import UserError
 from kd.models import Normalized, create_model, default_stride_reduction
@@ -20,6 +22,15 @@ def canonical_student_name(name: str) -> str:
         if canonical.lower() == name.lower():
             return canonical
     raise UserError(f"unknown student {name!r}; choose one of {', '.join(STUDENT_ARCHS)}")
+
+
+def with_stride_reduction(task: TaskConfig, name: str, halvings: int | None) -> TaskConfig:
+    """The task with the student's halvings set (None: as configured). A run records the result in its
+    config.yaml, so evaluation, export and --resume rebuild the student the run trained."""
+    if halvings is None:
+        return task
+    return dataclasses.replace(task, student_stride_reduction={**task.student_stride_reduction,
+                                                               canonical_student_name(name): halvings})
 
 
 def build_student(name: str, task: TaskConfig) -> Normalized:

@@ -8,6 +8,7 @@ invocation; teachers.json holds the teachers' and their ensemble's test accuracy
 
 from __future__ import annotations
 
+import argparse
 import csv
 import dataclasses
 import glob
@@ -30,6 +31,7 @@ from matplotlib.figure import Figure
 
 from kd.cache import file_sha256
 from kd.checkpoint import atomic_write, load_weights
+from kd.cli import add_training_arguments
 from kd.config import TASK_CONFIGS, TaskConfig, load_task_config
 from kd.engine import Precision, select_device
 from kd.errors import UserError
@@ -139,7 +141,29 @@ def budget_settings(flags: dict, overrides: dict) -> dict:
         if key in RUN_KEYS:
             raise UserError(f"--set {key}: the study sets it for each run (--task/--config, --students, --seeds, "
                             "--arms, --output)")
-    return {**flags, **overrides}
+    return {**flags, **{key: checked_override(key, value) for key, value in overrides.items()}}
+
+
+def checked_override(key: str, value):
+    """A --set value as train.py's flag of that name would take it, through the flag's own type, range
+    and choice checks, so a bad value stops the study before its first run, not inside it."""
+    parser = argparse.ArgumentParser()
+    add_training_arguments(parser)
+    action = next((a for a in parser._actions if a.dest == key), None)
+    if action is None or (value is None and action.default is None):
+        return value
+    if isinstance(action, (argparse.BooleanOptionalAction, argparse._StoreTrueAction)):
+        if not isinstance(value, bool):
+            raise UserError(f"--set {key}={value}: expected true or false")
+        return value
+    values = value if isinstance(value, tuple) else (value,)
+    try:
+        checked = tuple(action.type(str(v)) if action.type else v for v in values)
+    except (argparse.ArgumentTypeError, ValueError, TypeError) as err:
+        raise UserError(f"--set {key}={value}: {err}") from None
+    if action.choices is not None and any(v not in action.choices for v in checked):
+        raise UserError(f"--set {key}={value}: choose from {', '.join(map(str, action.choices))}")
+    return checked if isinstance(value, tuple) else checked[0]
 
 
 def run_study(plan: StudyPlan) -> str:

@@ -32,7 +32,7 @@ from kd.losses import KDLoss
 from kd.models import count_parameters
 from kd.settings import TrainSettings
 from kd.runs import MetricsLog, create_run_dir, log_to_file, run_name, setup_logging, write_yaml
-from kd.students import STUDENT_ARCHS, build_student, canonical_student_name
+from kd.students import STUDENT_ARCHS, build_student, canonical_student_name, with_stride_reduction
 from kd.teachers import TeacherEnsemble, build_teacher, load_teachers, teacher_accuracies
 
 log = logging.getLogger("kd")
@@ -76,6 +76,7 @@ def train_student(settings: TrainSettings, given: Collection[str] | None = None,
     student_name = canonical_student_name(settings.student_model)
     settings = dataclasses.replace(settings, student_model=student_name)  # config.yaml keeps the canonical name
     with _session(settings, hooks.quiet) as (task, data, precision, world):
+        task = with_stride_reduction(task, student_name, settings.stride_reduction)
         ensemble = ensure_teachers(task, data, precision, world, settings.teacher_epochs) if settings.alpha > 0 \
             else None
         run_dir = resume_dir or (create_run_dir(settings.output_dir, run_name(

@@ -1,3 +1,4 @@
+import importlib.util
 import os
 import pwd
 import shutil
@@ -14,6 +15,14 @@ import yaml
 from kd.config import parse_task_config
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_benchmark(name: str):
+    """A script of benchmarks/ as a module (benchmarks/ is no package)."""
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(autouse=True)

@@ -1,8 +1,6 @@
 import csv
-import importlib.util
 import json
 import statistics
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,16 +15,8 @@ from kd.data import load_task_data
 from kd.errors import UserError
 from kd.teachers import load_teacher
 from kd.training import TrainSettings
-from tests.conftest import write_task
+from tests.conftest import load_benchmark, write_task
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("kd_study_script", ROOT / "benchmarks" / "kd_study.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def row(student, arm, seed, acc, **extra):
@@ -121,6 +111,26 @@ def test_overrides_are_checked_against_train_settings():
             budget_settings({"lr": 0.1}, overrides)
 
 
+@pytest.mark.parametrize("pair, message", [
+    ("stride_reduction=x", "--set stride_reduction=x: 'x' is not a valid int"),
+    ("stride_reduction=4", "--set stride_reduction=4: must be 0 to 3, got 4"),
+    ("amp=3", "--set amp=3: expected true or false"),
+    ("lr_schedule=linear", "--set lr_schedule=linear: choose from step, cosine"),
+    ("teacher_weights=[1, -2]", r"--set teacher_weights=\(1, -2\): must be >= 0.0, got -2.0"),
+])
+def test_override_values_pass_the_checks_of_train_pys_flags(pair, message):
+    with pytest.raises(UserError, match=message):
+        budget_settings({"lr": 0.1}, parse_overrides([pair]))
+
+
+def test_good_override_values_come_out_as_train_py_would_read_them():
+    given = ["stride_reduction=2", "teacher_epochs=null", "lr_schedule=cosine", "teacher_weights=[1, 2]",
+             "amp=false"]
+    assert budget_settings({}, parse_overrides(given)) == {
+        "stride_reduction": 2, "teacher_epochs": None, "lr_schedule": "cosine", "teacher_weights": (1.0, 2.0),
+        "amp": False}
+
+
 @pytest.mark.parametrize("argv, code, words", [
     (["--arms", "alpha0", "bogus"], 2, "bogus"),
     (["--seeds"], 2, "--seeds"),
@@ -129,7 +139,7 @@ def test_overrides_are_checked_against_train_settings():
 ])
 def test_bad_input_exits_with_one_line(argv, code, words, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        load_script().main(argv)
+        load_benchmark("kd_study").main(argv)
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == code
     assert len(err.splitlines()) == 1 and words in err
@@ -141,7 +151,7 @@ def test_study_records_summarises_and_resumes(tmp_path, tiny_teachers, capsys, m
             "--arms", "alpha0", "uniform", "--num_epochs", "1", "--batch_size", "64", "--lr", "0.01", "--alpha", "0.5",
             "--device", "cpu", "--set", f"cache_dir={tmp_path / 'cache'}", "teacher_cache_views=2",
             "--output", str(out)]
-    script = load_script()
+    script = load_benchmark("kd_study")
     script.main(argv)
     printed = capsys.readouterr().out
 

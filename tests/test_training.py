@@ -13,6 +13,7 @@ from kd.config import load_task_config
 from kd.data import Batches, Split, load_task_data
 from kd.engine import Precision, evaluate, fit, online_teachers, select_device, select_precision
 from kd.errors import UserError
+from kd.evaluation import open_run_student
 from kd.losses import KDLoss
 from kd.models import create_model
 from kd.students import build_student
@@ -253,6 +254,26 @@ def test_task_a_trains_when_its_last_batch_would_hold_one_image(tmp_path, batch_
     run_dir = train_student(settings)
     rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
     assert len(rows) == 1 and float(rows[0]["train_loss"]) > 0
+
+
+def test_stride_reduction_flag_fits_the_student_and_evaluation_rebuilds_that_student(tmp_path):
+    task_file = write_task(tmp_path)  # 8 px: one halving unless told otherwise
+    settings = TrainSettings(task=str(task_file), num_epochs=1, alpha=0.0, student_model="mobilenetv3",
+                             stride_reduction=2, device="cpu", output_dir=str(tmp_path / "runs"))
+    run_dir = train_student(settings)
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["task"]["student_stride_reduction"] == {"MobileNetV3": 2}
+    assert config["settings"]["stride_reduction"] == 2
+
+    student, _, _ = open_run_student(run_dir=run_dir)
+    probe = torch.zeros(1, 1, 32, 32)  # a size at which one and two halvings differ: 32x -> 16x -> 8x
+    final_map = {n: create_model("mobilenetv3_small_100", 10, 1, [0.5], [0.5], stride_reduction=n)
+                 .backbone.forward_features(probe).shape[-1] for n in (1, 2)}
+    assert final_map == {1: 2, 2: 4}
+    with torch.no_grad():
+        assert student.backbone.forward_features(probe).shape[-1] == final_map[2]
+    # the task config itself is untouched: a later run without the flag gets the configured halving
+    assert load_task_config(str(task_file)).student_stride_reduction == {}
 
 
 def test_teacher_weights_of_the_wrong_length_stop_before_any_training(tmp_path):
