@@ -141,15 +141,16 @@ def budget_settings(flags: dict, overrides: dict) -> dict:
         if key in RUN_KEYS:
             raise UserError(f"--set {key}: the study sets it for each run (--task/--config, --students, --seeds, "
                             "--arms, --output)")
-    return {**flags, **{key: checked_override(key, value) for key, value in overrides.items()}}
-
-
-def checked_override(key: str, value):
-    """A --set value as train.py's flag of that name would take it, through the flag's own type, range
-    and choice checks, so a bad value stops the study before its first run, not inside it."""
     parser = argparse.ArgumentParser()
     add_training_arguments(parser)
-    action = next((a for a in parser._actions if a.dest == key), None)
+    actions = {action.dest: action for action in parser._actions}
+    return {**flags, **{key: checked_override(actions.get(key), key, value) for key, value in overrides.items()}}
+
+
+def checked_override(action: argparse.Action | None, key: str, value):
+    """A --set value as train.py's flag of that name (`action`; None where train.py has none) would take it,
+    through the flag's own type, range and choice checks, so a bad value stops the study before its first
+    run, not inside it."""
     if action is None or (value is None and action.default is None):
         return value
     if isinstance(action, (argparse.BooleanOptionalAction, argparse._StoreTrueAction)):
