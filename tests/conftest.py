@@ -1,4 +1,5 @@
 import importlib.util
+import logging
 import os
 import pwd
 import shutil
@@ -72,6 +73,14 @@ def tiny_teachers(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
+def kd_log(caplog, monkeypatch):
+    """caplog for the project's logger, which stops propagation once a run has set up its console."""
+    monkeypatch.setattr(logging.getLogger("kd"), "propagate", True)
+    with caplog.at_level(logging.INFO, logger="kd"):
+        yield caplog
+
+
+@pytest.fixture
 def tiny_task(tmp_path):
     return parse_task_config(tiny_task_raw(tmp_path / "teachers"), "tiny")
 
@@ -81,6 +90,20 @@ def with_random_head(model):
     teachers with distinct outputs give it a random classifier."""
     torch.nn.init.normal_(model.backbone.get_classifier().weight, std=0.5)
     return model
+
+
+def run_in_process(train_argv: list[str], capsys) -> Path:
+    """`python train.py ARGV` in this process (a new process spends seconds importing torch and timm):
+    the run folder it prints."""
+    import train
+
+    train.main(train_argv)
+    return Path(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def same_threads() -> dict:
+    """The environment for a process that must compute bit for bit what this one does: its thread count."""
+    return {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
 
 
 def signal_when(command: list[str], ready, sig: int, log: Path, cwd: Path = ROOT) -> tuple[int, str]:

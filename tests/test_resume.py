@@ -9,20 +9,24 @@ from pathlib import Path
 import pytest
 import yaml
 
+import train
 from kd.checkpoint import load_torch_checkpoint
 from kd.errors import UserError
 from kd.training import TrainSettings, train_student
-from tests.conftest import signal_when, write_task
+from tests.conftest import run_in_process, same_threads, signal_when, write_task
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def train_command(config: Path, output_dir: Path, cache_dir: Path, *extra: str) -> list[str]:
+def train_args(config: Path, output_dir: Path, cache_dir: Path, *extra: str) -> list[str]:
     # batch 256: 4 steps an epoch keep the three runs of a test short; an epoch still takes about a second
-    return [sys.executable, "train.py", "--config", str(config), "--num_epochs", "4", "--alpha", "0.5",
-            "--student_model", "MobileNetV3", "--batch_size", "256", "--device", "cpu", "--teacher_epochs", "1",
-            "--teacher_cache", "on", "--teacher_cache_views", "2", "--cache_dir", str(cache_dir),
-            "--output_dir", str(output_dir), *extra]
+    return ["--config", str(config), "--num_epochs", "4", "--alpha", "0.5", "--student_model", "MobileNetV3",
+            "--batch_size", "256", "--device", "cpu", "--teacher_epochs", "1", "--teacher_cache", "on",
+            "--teacher_cache_views", "2", "--cache_dir", str(cache_dir), "--output_dir", str(output_dir), *extra]
+
+
+def train_command(*args) -> list[str]:
+    return [sys.executable, "train.py", *train_args(*args)]
 
 
 def run(command: list[str]) -> Path:
@@ -40,11 +44,12 @@ def assert_same_run(a: Path, b: Path) -> None:
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_bit_for_bit(tmp_path, tiny_teachers):
+def test_killed_run_resumes_bit_for_bit(tmp_path, tiny_teachers, capsys):
     config = write_task(tmp_path, tiny_teachers)
-    reference = run(train_command(config, tmp_path / "ref", tmp_path / "cache"))
+    # only the run to kill is a process of its own (start-up costs seconds), with this process's threads
+    reference = run_in_process(train_args(config, tmp_path / "ref", tmp_path / "cache"), capsys)
     process = subprocess.Popen(train_command(config, tmp_path / "killed", tmp_path / "cache"), cwd=ROOT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=same_threads())
     deadline = time.monotonic() + 300
     while not list((tmp_path / "killed").glob("*/checkpoint_last.pt")) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -52,7 +57,7 @@ def test_killed_run_resumes_bit_for_bit(tmp_path, tiny_teachers):
     process.send_signal(signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL, "the run ended before it could be killed"
     killed_dir = next((tmp_path / "killed").iterdir())
-    resumed = run(train_command(config, tmp_path / "killed", tmp_path / "cache", "--resume", "auto"))
+    resumed = run_in_process(train_args(config, tmp_path / "killed", tmp_path / "cache", "--resume", "auto"), capsys)
     assert resumed == killed_dir
     assert_same_run(reference, resumed)  # identical metrics and weights: determinism and exact resume at once
 
@@ -70,16 +75,13 @@ def test_ctrl_c_keeps_the_last_epoch_and_says_how_to_resume(tmp_path, tiny_teach
     assert load_torch_checkpoint(run_dir / "checkpoint_last.pt")["epoch"] >= 1
 
 
-def test_resume_with_more_epochs_trains_on_along_the_longer_cosine_and_names_ignored_flags(tmp_path):
+def test_resume_with_more_epochs_trains_on_along_the_longer_cosine_and_names_ignored_flags(tmp_path, capsys):
     config = write_task(tmp_path)
-    base = [sys.executable, "train.py", "--config", str(config), "--alpha", "0", "--student_model", "MobileNetV3",
-            "--batch_size", "128", "--device", "cpu", "--lr_schedule", "cosine", "--lr", "0.004",
-            "--output_dir", str(tmp_path / "runs")]
-    run_dir = run(base + ["--num_epochs", "2"])
-    result = subprocess.run(base + ["--num_epochs", "4", "--lr", "0.5", "--resume", str(run_dir)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    warnings = [line for line in result.stderr.splitlines() if "ignored:" in line]
+    base = ["--config", str(config), "--alpha", "0", "--student_model", "MobileNetV3", "--batch_size", "128",
+            "--device", "cpu", "--lr_schedule", "cosine", "--lr", "0.004", "--output_dir", str(tmp_path / "runs")]
+    run_dir = run_in_process(base + ["--num_epochs", "2"], capsys)
+    train.main(base + ["--num_epochs", "4", "--lr", "0.5", "--resume", str(run_dir)])
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "ignored:" in line]
     assert len(warnings) == 1 and "--lr 0.5 (run: 0.004)" in warnings[0] and "num_epochs" not in warnings[0]
     rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]

@@ -129,11 +129,12 @@ def test_train_script_end_to_end(tmp_path, tiny_teachers):
     config = write_task(tmp_path, tiny_teachers)
     result = subprocess.run(
         [sys.executable, "train.py", "--config", str(config), "--num_epochs", "1", "--teacher_epochs", "1",
-         "--student_model", "resnet18", "--alpha", "0.6", "--output_dir", str(tmp_path / "runs"), "--device", "cpu"],
+         "--student_model", "mobilenetv3", "--batch_size", "128", "--alpha", "0.6", "--output_dir",
+         str(tmp_path / "runs"), "--device", "cpu"],
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     run_dir = Path(result.stdout.strip().splitlines()[-1])
-    assert run_dir.name == "TaskT_ResNet18_T2.0_a0.6" and (run_dir / "student.safetensors").is_file()
+    assert run_dir.name == "TaskT_MobileNetV3_T2.0_a0.6" and (run_dir / "student.safetensors").is_file()
 
 
 def test_teachers_only_reports_each_teacher_and_their_ensemble_and_trains_no_student(tmp_path, tiny_teachers):
