@@ -66,6 +66,8 @@ BUDGET_FLAGS = ("num_epochs", "lr", "batch_size", "temperature", "alpha", "weigh
 RUN_KEYS = ("task", "student_model", "seed", "run", "teacher_weighting", "teacher_cache", "output_dir", "resume")
 # Where files go changes no result, and alpha is a column of its own (alpha0 rows serve every --alpha).
 NOT_BUDGET = RUN_KEYS + ("alpha", "cache_dir")
+# What only the teachers' term reads: an alpha0 row serves every value of these
+TEACHER_ONLY = ("temperature", "teacher_epochs", "teacher_cache_views", "teacher_weights")
 COLUMNS = ("task", "student", "arm", "seed", "alpha", "weighting", "cache", "teachers", "epochs", "wall_s",
            "best_epoch", "val_acc", "test_acc", "threads", "built", "run_dir", "budget")
 CSV_TYPES = {"seed": int, "alpha": float, "epochs": int, "wall_s": float, "best_epoch": int, "val_acc": float,
@@ -280,9 +282,13 @@ def budget_of(settings: TrainSettings) -> dict:
     return json.loads(json.dumps({k: v for k, v in dataclasses.asdict(settings).items() if k not in NOT_BUDGET}))
 
 
-def same_budget(saved: dict, budget: dict) -> bool:
-    """Settings TrainSettings gained after a row was written count at their defaults."""
-    return {**budget_of(TrainSettings()), **saved} == budget
+def same_budget(saved: dict, budget: dict, kd: bool = True) -> bool:
+    """Settings TrainSettings gained after a row was written count at their defaults; a labels-only row
+    (`kd` false) serves any setting of the teachers' term."""
+    saved = {**budget_of(TrainSettings()), **saved}
+    if not kd:
+        saved, budget = ({k: v for k, v in b.items() if k not in TEACHER_ONLY} for b in (saved, budget))
+    return saved == budget
 
 
 def teachers_key(task: TaskConfig) -> str | None:
@@ -304,7 +310,7 @@ def finished_runs(rows: list[dict], task_name: str, base: TrainSettings,
     for row in rows:
         arm = ARMS.get(row["arm"])
         if (row["task"] == task_name and arm is not None and row["alpha"] == (base.alpha if arm.kd else 0.0)
-                and (not arm.kd or row["teachers"] == teachers) and same_budget(row["budget"], budget)):
+                and (not arm.kd or row["teachers"] == teachers) and same_budget(row["budget"], budget, arm.kd)):
             found.setdefault((row["student"], row["arm"], row["seed"]), row)
     return found
 

@@ -59,7 +59,7 @@ def test_verdict_rule():
     assert verdict([5.0]) == "within noise"          # one pair has no spread to compare with
 
 
-def test_rows_of_another_budget_or_alpha_are_not_reused():
+def test_rows_of_another_budget_or_alpha_are_not_reused_but_alpha0_serves_any_teachers_setting():
     base = TrainSettings(task="x", num_epochs=3, alpha=0.5, device="cpu")
     budget = json.loads(json.dumps(kd.study.budget_of(base)))
     other = {**budget, "num_epochs": 4}
@@ -71,6 +71,8 @@ def test_rows_of_another_budget_or_alpha_are_not_reused():
                                                          ("S", "alpha0", 1)}
     assert set(finished_runs(rows, "T", TrainSettings(task="x", num_epochs=3, alpha=0.3, device="cpu"), "t1")) == {
         ("S", "uniform", 4), ("S", "alpha0", 1)}  # alpha0 serves every --alpha
+    hotter = TrainSettings(task="x", num_epochs=3, alpha=0.5, temperature=4.0, teacher_cache_views=20, device="cpu")
+    assert set(finished_runs(rows, "T", hotter, "t1")) == {("S", "alpha0", 1)}  # and every teachers' setting
 
 
 def test_kd_rows_count_only_beside_their_teachers(tmp_path, tiny_teachers):
