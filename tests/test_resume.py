@@ -29,12 +29,6 @@ def train_command(*args) -> list[str]:
     return [sys.executable, "train.py", *train_args(*args)]
 
 
-def run(command: list[str]) -> Path:
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return Path(result.stdout.strip().splitlines()[-1])
-
-
 def assert_same_run(a: Path, b: Path) -> None:
     assert (a / "metrics.csv").read_text() == (b / "metrics.csv").read_text()
     state_a = load_torch_checkpoint(a / "checkpoint_last.pt")
