@@ -5,6 +5,7 @@ import pwd
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -101,9 +102,20 @@ def run_in_process(train_argv: list[str], capsys) -> Path:
     return Path(capsys.readouterr().out.strip().splitlines()[-1])
 
 
-def same_threads() -> dict:
-    """The environment for a process that must compute bit for bit what this one does: its thread count."""
-    return {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+def killed_after_first_checkpoint(train_argv: list[str], output_dir: Path, linger: float = 0.0) -> Path:
+    """Start `python train.py ARGV` as a process of its own, with this process's thread count (so it computes
+    bit for bit what a run in this process would), kill -9 it `linger` seconds after its first
+    checkpoint_last.pt appears in `output_dir`, and return its run folder."""
+    process = subprocess.Popen([sys.executable, "train.py", *train_argv], cwd=ROOT, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL,
+                               env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
+    deadline = time.monotonic() + 300
+    while not list(output_dir.glob("*/checkpoint_last.pt")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(linger)
+    process.kill()
+    assert process.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    return next(output_dir.iterdir())
 
 
 def signal_when(command: list[str], ready, sig: int, log: Path, cwd: Path = ROOT) -> tuple[int, str]:

@@ -1,9 +1,7 @@
 import csv
 import random
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -13,9 +11,7 @@ import train
 from kd.checkpoint import load_torch_checkpoint
 from kd.errors import UserError
 from kd.training import TrainSettings, train_student
-from tests.conftest import run_in_process, same_threads, signal_when, write_task
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.conftest import killed_after_first_checkpoint, run_in_process, signal_when, write_task
 
 
 def train_args(config: Path, output_dir: Path, cache_dir: Path, *extra: str) -> list[str]:
@@ -42,15 +38,9 @@ def test_killed_run_resumes_bit_for_bit(tmp_path, tiny_teachers, capsys):
     config = write_task(tmp_path, tiny_teachers)
     # only the run to kill is a process of its own (start-up costs seconds), with this process's threads
     reference = run_in_process(train_args(config, tmp_path / "ref", tmp_path / "cache"), capsys)
-    process = subprocess.Popen(train_command(config, tmp_path / "killed", tmp_path / "cache"), cwd=ROOT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=same_threads())
-    deadline = time.monotonic() + 300
-    while not list((tmp_path / "killed").glob("*/checkpoint_last.pt")) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    time.sleep(random.uniform(0.0, 0.2))  # in the epochs that follow: 3 epochs take seconds, not 0.2 s
-    process.send_signal(signal.SIGKILL)
-    assert process.wait() == -signal.SIGKILL, "the run ended before it could be killed"
-    killed_dir = next((tmp_path / "killed").iterdir())
+    # killed in the epochs that follow the first: 3 epochs take seconds, not 0.2 s
+    killed_dir = killed_after_first_checkpoint(train_args(config, tmp_path / "killed", tmp_path / "cache"),
+                                               tmp_path / "killed", linger=random.uniform(0.0, 0.2))
     resumed = run_in_process(train_args(config, tmp_path / "killed", tmp_path / "cache", "--resume", "auto"), capsys)
     assert resumed == killed_dir
     assert_same_run(reference, resumed)  # identical metrics and weights: determinism and exact resume at once

@@ -5,8 +5,6 @@ Datasets are a few small PNG files per class written into tmp_path; models are t
 """
 
 import dataclasses
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -28,7 +26,7 @@ from kd.speed import SpeedSettings
 from kd.students import build_student
 from kd.teachers import TeacherEnsemble, build_teacher
 from kd.training import TrainSettings, train_student
-from tests.conftest import ROOT, run_in_process, same_threads, with_random_head
+from tests.conftest import killed_after_first_checkpoint, run_in_process, with_random_head
 from tests.test_custom_task import write_colour_folder, write_config
 from tests.test_resume import assert_same_run
 
@@ -215,13 +213,7 @@ def test_streamed_run_resumes_exactly_after_kill_then_evaluates_and_reads_export
     assert "data: streamed from disk (data.storage stream)" in log and "MB on disk" in log
     assert list((tmp_path / "cache").glob("*.npy"))
 
-    process = subprocess.Popen([sys.executable, "train.py", *train_args(folder_task, tmp_path, "killed")], cwd=ROOT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=same_threads())
-    deadline = time.monotonic() + 300
-    while not list((tmp_path / "killed").glob("*/checkpoint_last.pt")) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    process.kill()
-    assert process.wait() == -9, "the run ended before it could be killed"
+    killed_after_first_checkpoint(train_args(folder_task, tmp_path, "killed"), tmp_path / "killed")
     resumed = run_in_process(train_args(folder_task, tmp_path, "killed", "--resume", "auto"), capsys)
     assert_same_run(reference, resumed)
 
