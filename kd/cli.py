@@ -150,6 +150,9 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
                    help="how many of the student's first downsampling layers are halved, each doubling every "
                         "later feature map (default: the task config's student_stride_reduction, else 1 below "
                         "64 px and 0 from 64 px on)")
+    p.add_argument("--mixup", type=bounded_float(0.0), default=DEFAULTS.mixup, metavar="A",
+                   help="blend each training batch with a shuffled copy by lam ~ Beta(A, A), labels too; the "
+                        "teachers run online on the blended images (function matching). 0: off; 0.2-1 usual")
 
 
 def given_options(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:

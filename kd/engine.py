@@ -99,11 +99,36 @@ def online_teachers(ensemble: nn.Module) -> TeacherLogits:
     return lambda batch: ensemble(batch.x)
 
 
+@dataclass(frozen=True)
+class Mixup:
+    """Mixup (Zhang et al., 2018): each batch is blended with a shuffled copy of itself, by one weight
+    lam ~ Beta(concentration, concentration) per batch, and so are its one-hot labels.
+
+    Teachers run online on the blended images, so their targets describe exactly what the student sees:
+    the "function matching" of Beyer et al. (2022), where mixup is what makes a patient teacher
+    consistent. Draws come from torch's global generators, which checkpoints save, so a resumed run
+    blends as the uninterrupted one would.
+    """
+
+    concentration: float
+    num_classes: int
+
+    def __call__(self, batch: Batch) -> tuple[Batch, torch.Tensor]:
+        """(the blended batch, its soft labels (B, C)); the batch's labels stay the larger part's."""
+        lam = torch.distributions.Beta(self.concentration, self.concentration).sample().item()
+        order = torch.randperm(len(batch.y), device=batch.x.device)
+        labels = F.one_hot(batch.y, self.num_classes).float()
+        x = lam * batch.x + (1 - lam) * batch.x[order]
+        soft = lam * labels + (1 - lam) * labels[order]
+        return batch._replace(x=x, y=batch.y if lam >= 0.5 else batch.y[order]), soft
+
+
 def train_one_epoch(model: nn.Module, batches: Iterable[Batch], optimizer: torch.optim.Optimizer,
                     criterion: KDLoss, precision: Precision, teachers: TeacherLogits | None = None,
-                    desc: str = "train", progress: bool = True) -> dict[str, float]:
+                    desc: str = "train", progress: bool = True, mixup: Mixup | None = None) -> dict[str, float]:
     """One pass over `batches`; returns sample-mean loss, ce, kd, accuracy and teacher weights over the
-    steps whose loss was finite, and how many steps were not (`skipped`).
+    steps whose loss was finite, and how many steps were not (`skipped`). With `mixup`, every batch is
+    blended first (teachers included) and accuracy counts the larger part's label.
 
     A non-finite step is left out of the means rather than poisoning them: under fp16 the GradScaler
     skips such a step's update and lowers its scale, which is how mixed precision is meant to recover.
@@ -113,11 +138,12 @@ def train_one_epoch(model: nn.Module, batches: Iterable[Batch], optimizer: torch
     sums = torch.zeros(4, device=precision.device)  # loss, ce, kd, correct (sample-weighted, finite steps)
     weight_sum, count = None, torch.zeros(2, device=precision.device)  # images in finite steps, skipped steps
     for batch in tqdm(batches, desc=desc, leave=False, dynamic_ncols=True, disable=not progress):
+        batch, targets = mixup(batch) if mixup else (batch, batch.y)
         x, y = batch.x, batch.y
         with precision.autocast():
             teacher_logits = teachers(batch) if use_teachers else None
             logits = model(x)
-        parts, weights = criterion(logits, y, teacher_logits)
+        parts, weights = criterion(logits, targets, teacher_logits)
         optimizer.zero_grad(set_to_none=True)
         precision.scaler.scale(parts.total).backward()
         precision.scaler.step(optimizer)
@@ -162,9 +188,9 @@ EpochCallback = Callable[[dict], None]
 def fit(model: nn.Module, train_batches, val_batches, *, optimizer, scheduler, criterion: KDLoss,
         epochs: int, precision: Precision, teachers: TeacherLogits | None = None,
         teacher_names: Sequence[str] = (), start_epoch: int = 0, on_epoch: EpochCallback | None = None,
-        desc: str = "", progress: bool = True) -> list[dict]:
+        desc: str = "", progress: bool = True, mixup: Mixup | None = None) -> list[dict]:
     """Train for epochs [start_epoch, epochs); after each, call on_epoch(row) with its metrics.
-    `progress`: show progress bars."""
+    `progress`: show progress bars; `mixup`: blend every training batch (see Mixup)."""
     history = []
     bar = tqdm(range(start_epoch, epochs), desc=desc or "epochs", dynamic_ncols=True, disable=not progress)
     for epoch in bar:
@@ -172,7 +198,7 @@ def fit(model: nn.Module, train_batches, val_batches, *, optimizer, scheduler, c
         train_batches.set_epoch(epoch)
         lr = optimizer.param_groups[0]["lr"]
         train = train_one_epoch(model, train_batches, optimizer, criterion, precision, teachers,
-                                desc=f"epoch {epoch + 1}/{epochs}", progress=progress)
+                                desc=f"epoch {epoch + 1}/{epochs}", progress=progress, mixup=mixup)
         val = evaluate(model, val_batches, precision)
         if not (np.isfinite(train["loss"]) and np.isfinite(val["loss"])):  # no finite step, or broken weights
             raise NonFiniteLoss(epoch + 1)

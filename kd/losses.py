@@ -6,7 +6,8 @@ Contract (alpha is the weight of the teacher term):
     loss = (1 - alpha) * CE(z_s, y) + alpha * T^2 * KL(p_T || softmax(z_s / T))     (batch mean)
 
 alpha = 0 trains on hard labels only, alpha = 1 on the teachers' soft targets only. With label
-smoothing eps (the teachers' recipes use it), CE is taken against (1 - eps) * onehot(y) + eps / C. T^2 keeps
+smoothing eps (the teachers' recipes use it), CE is taken against (1 - eps) * onehot(y) + eps / C. The
+labels y may also be given as class probabilities (B, C), as mixup blends them; onehot(y) is then y. T^2 keeps
 the soft term's gradient magnitude independent of T (Hinton et al., 2015).
 
 Teacher weighting schemes (w has shape (K,) or (K, B)):
@@ -103,7 +104,7 @@ def compute_teacher_weights(scheme: str, teacher_logits: torch.Tensor, targets: 
     if scheme == "confidence":
         if k == 1:
             return torch.ones((1, b), device=logits.device)
-        ce = F.cross_entropy(logits.reshape(k * b, -1), targets.repeat(k), reduction="none").view(k, b)
+        ce = F.cross_entropy(logits.reshape(k * b, -1), torch.cat([targets] * k), reduction="none").view(k, b)
         return (1 - F.softmax(ce, dim=0)) / (k - 1)
     raise ValueError(f"unknown teacher weighting {scheme!r}; choose one of {', '.join(WEIGHTING_SCHEMES)}")
 

@@ -46,3 +46,4 @@ class TrainSettings:
     data_storage: str | None = None  # auto | memory | stream; None: the task config's data.storage
     num_workers: int | None = None  # decoding processes of streamed data; None: from the CPU count
     stride_reduction: int | None = None  # the student's first downsampling layers halved; None: the task config's
+    mixup: float = 0.0  # Beta(a, a) concentration of mixup on every training batch; 0: off

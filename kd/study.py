@@ -207,6 +207,10 @@ def check_plan(plan: StudyPlan) -> StudyPlan:
     for name, values in (("students", plan.students), ("seeds", plan.seeds), ("arms", plan.arms)):
         if not values:
             raise UserError(f"no {name} given; pass at least one to --{name}")
+    cached = [arm for arm in plan.arms if ARMS[arm].cache == "on"]
+    if plan.settings.get("mixup") and cached:
+        raise UserError(f"--set mixup needs the teachers online, but arm {cached[0]!r} replays cached logits; "
+                        "use uniform_online (and alpha0)")
     students = tuple(dict.fromkeys(canonical_student_name(s) for s in plan.students))
     return dataclasses.replace(plan, students=students, seeds=tuple(dict.fromkeys(plan.seeds)),
                                arms=tuple(dict.fromkeys(plan.arms)))

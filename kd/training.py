@@ -24,7 +24,7 @@ from kd.checkpoint import (atomic_torch_save, atomic_write, load_state_into, loa
                            save_weights)
 from kd.config import TaskConfig, TeacherSpec, load_task_config, normalisable
 from kd.data import TaskData, load_task_data
-from kd.engine import (Precision, evaluate, fit, online_teachers, rng_state, select_device, select_precision,
+from kd.engine import (Mixup, Precision, evaluate, fit, online_teachers, rng_state, select_device, select_precision,
                        seed_everything, set_rng_state)
 from kd.distributed import World, broadcast, init_world, main_process_first, process_device, shutdown
 from kd.errors import UserError
@@ -334,7 +334,7 @@ def _train_in(run_dir: Path, settings: TrainSettings, task: TaskConfig, trainee:
         fit(trained, train_batches, val_batches, optimizer=optimizer, scheduler=scheduler, criterion=criterion,
             epochs=settings.num_epochs, start_epoch=checkpoints.epoch, precision=precision, teachers=teachers,
             teacher_names=ensemble.names if ensemble else (), on_epoch=after_epoch, desc=trainee.label,
-            progress=not hooks.quiet)
+            progress=not hooks.quiet, mixup=Mixup(settings.mixup, task.num_classes) if settings.mixup else None)
     finally:
         if metrics:
             metrics.close()
@@ -411,7 +411,10 @@ def _teacher_source(settings: TrainSettings, task: TaskConfig, data: TaskData, e
 
     if ensemble is None:
         return batches(None), None
-    if settings.teacher_cache != "off":
+    if settings.mixup and settings.teacher_cache == "on":
+        raise UserError("--mixup blends images the teacher-logit cache has no logits for; use --teacher_cache "
+                        "auto or off (the teachers then run online)")
+    if settings.teacher_cache != "off" and not settings.mixup:
         pooled = batches(settings.teacher_cache_views)
         paths = cache_paths([task.teacher_checkpoint(t) for t in task.teachers], pooled, precision,
                             Path(settings.cache_dir))

@@ -139,3 +139,23 @@ def test_fixed_and_uniform_weighting():
     assert torch.allclose(compute_teacher_weights("uniform", logits, None, 1.0), torch.full((3, 2), 1 / 3))
     with pytest.raises(ValueError):
         compute_teacher_weights("nope", logits, None, 1.0)
+
+
+def test_probability_labels_give_the_same_loss_and_weights_as_indices(batch):
+    student, teachers, targets = batch
+    onehot = F.one_hot(targets, 5).float()
+    for scheme in ("uniform", "confidence"):
+        criterion = KDLoss(2.0, 0.4, scheme, label_smoothing=0.1)
+        (by_index, w_index), (by_probs, w_probs) = criterion(student, targets, teachers), \
+            criterion(student, onehot, teachers)
+        assert torch.allclose(by_index.total, by_probs.total) and torch.allclose(w_index, w_probs)
+
+
+def test_blended_labels_blend_the_cross_entropy(batch):
+    """mixup's soft labels: CE(lam a + (1 - lam) b) = lam CE(a) + (1 - lam) CE(b)."""
+    student, teachers, targets = batch
+    other = targets.flip(0)
+    blended = 0.3 * F.one_hot(targets, 5).float() + 0.7 * F.one_hot(other, 5).float()
+    loss = multi_teacher_kd_loss(student, teachers, blended, temperature=2.0, alpha=0.0)
+    expected = 0.3 * F.cross_entropy(student, targets) + 0.7 * F.cross_entropy(student, other)
+    assert torch.allclose(loss, expected)

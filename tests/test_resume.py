@@ -46,6 +46,19 @@ def test_killed_run_resumes_bit_for_bit(tmp_path, tiny_teachers, capsys):
     assert_same_run(reference, resumed)  # identical metrics and weights: determinism and exact resume at once
 
 
+def test_a_resumed_mixup_run_blends_as_the_uninterrupted_one(tmp_path, tiny_teachers, capsys):
+    """mixup draws from the global generators, which checkpoints save: stopping after epoch 1 changes nothing."""
+    config = write_task(tmp_path, tiny_teachers)
+    args = ["--config", str(config), "--alpha", "0.5", "--mixup", "0.4", "--student_model", "MobileNetV3",
+            "--batch_size", "256", "--device", "cpu", "--teacher_cache", "off"]
+    reference = run_in_process(args + ["--num_epochs", "2", "--output_dir", str(tmp_path / "ref")], capsys)
+    stopped = run_in_process(args + ["--num_epochs", "1", "--output_dir", str(tmp_path / "stopped")], capsys)
+    resumed = run_in_process(args + ["--num_epochs", "2", "--output_dir", str(tmp_path / "stopped"), "--resume",
+                                     str(stopped)], capsys)
+    assert resumed == stopped
+    assert_same_run(reference, resumed)
+
+
 @pytest.mark.slow
 def test_ctrl_c_keeps_the_last_epoch_and_says_how_to_resume(tmp_path, tiny_teachers):
     config = write_task(tmp_path, tiny_teachers)

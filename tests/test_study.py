@@ -1,4 +1,5 @@
 import csv
+import dataclasses
 import json
 import statistics
 
@@ -8,8 +9,8 @@ import torch.nn as nn
 
 import kd.study
 from kd.checkpoint import load_weights, save_weights
-from kd.study import (budget_settings, finished_runs, or_dash, parse_overrides, remove_interrupted_runs,
-                      summarize, teachers_key, verdict)
+from kd.study import (StudyPlan, budget_settings, check_plan, finished_runs, or_dash, parse_overrides,
+                      remove_interrupted_runs, summarize, teachers_key, verdict)
 from kd.config import load_task_config
 from kd.data import load_task_data
 from kd.errors import UserError
@@ -201,3 +202,10 @@ def test_study_records_summarises_and_resumes(tmp_path, tiny_teachers, capsys, m
     narrower = (out / "summary.md").read_text()
     assert "2 of 2 planned runs" in narrower and "its 2 other run(s) at this budget" in narrower
     assert f"| uniform | {statistics.fmean([acc['uniform', 1], acc['uniform', 2]]):.2f} ± " in narrower
+
+
+def test_mixup_is_refused_with_cached_arms_before_any_run():
+    plan = StudyPlan("A", students=("MobileNetV3",), arms=("alpha0", "uniform"), settings={"mixup": 0.4})
+    with pytest.raises(UserError, match="--set mixup needs the teachers online, but arm 'uniform' replays"):
+        check_plan(plan)
+    check_plan(dataclasses.replace(plan, arms=("alpha0", "uniform_online")))

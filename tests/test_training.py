@@ -1,4 +1,5 @@
 import csv
+import dataclasses
 import subprocess
 import sys
 import warnings
@@ -6,12 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 
 from kd.checkpoint import load_torch_checkpoint, load_weights
 from kd.config import load_task_config
-from kd.data import Batches, Split, load_task_data
-from kd.engine import Precision, evaluate, fit, online_teachers, select_device, select_precision
+from kd.data import Batch, Batches, Split, load_task_data
+from kd.engine import (Mixup, Precision, evaluate, fit, online_teachers, select_device, select_precision,
+                       train_one_epoch)
 from kd.errors import UserError
 from kd.evaluation import open_run_student
 from kd.losses import KDLoss
@@ -49,6 +52,38 @@ def test_short_kd_training_on_synthetic_data_lowers_the_loss():
     assert rows[-1]["train_loss"] < rows[0]["train_loss"] and rows[-1]["train_ce"] < rows[0]["train_ce"]
     assert rows[-1]["val_acc"] > 0.6
     assert all(abs(r["w_a"] - 0.5) < 1e-6 for r in rows)
+
+
+def test_mixup_blends_images_and_labels_alike_and_the_teachers_see_the_blend():
+    torch.manual_seed(0)
+    # image i is the unit vector e_i, so row i of the blended images is the weight each image got in image i
+    labels = torch.arange(16) % 3
+    batch = Batch(torch.eye(16).view(16, 16, 1, 1), labels, torch.arange(16), None)
+    blended, soft = Mixup(0.4, 3)(batch)
+    weights = blended.x.view(16, 16)
+    lam = weights.diagonal().min()
+    assert 0 < lam < 1 and torch.allclose(weights.sum(dim=0), torch.ones(16))  # each image given out once in all
+    assert torch.allclose(weights.sum(dim=1), torch.ones(16))  # two images per blend: lam and 1 - lam
+    assert torch.allclose(soft, weights @ F.one_hot(labels, 3).float())  # the labels blended as the images
+    assert (blended.y == labels).all() if lam >= 0.5 else (blended.y == soft.argmax(dim=1)).all()
+
+    seen = []
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+    train_one_epoch(model, [batch], torch.optim.SGD(model.parameters(), lr=0.0), KDLoss(2.0, 0.5),
+                    Precision(torch.device("cpu"), None), teachers=lambda b: seen.append(b.x) or torch.zeros(1, 16, 3),
+                    progress=False, mixup=Mixup(0.4, 3))
+    assert seen[0].shape == batch.x.shape and not torch.equal(seen[0], batch.x)
+
+
+def test_mixup_needs_online_teachers_and_runs_them_when_the_cache_is_auto(tmp_path, tiny_teachers, kd_log):
+    settings = TrainSettings(task=str(write_task(tmp_path, tiny_teachers)), num_epochs=1, batch_size=128,
+                             alpha=0.5, mixup=0.4, student_model="mobilenetv3", device="cpu",
+                             output_dir=str(tmp_path / "runs"), teacher_cache="on", cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(UserError, match="--mixup blends images the teacher-logit cache has no logits for"):
+        train_student(settings)
+    run_dir = train_student(dataclasses.replace(settings, teacher_cache="auto"))
+    assert not (tmp_path / "cache").exists() and (run_dir / "student.safetensors").is_file()
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["settings"]["mixup"] == 0.4
 
 
 @pytest.fixture
