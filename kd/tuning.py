@@ -292,7 +292,10 @@ def open_study(url: str, name: str, plan: TunePlan) -> optuna.Study:
         for key, value in identity.items():
             study.set_user_attr(key, value)
     else:
-        differences = _differences({k: study.user_attrs.get(k) for k in identity}, identity)
+        saved = {k: study.user_attrs.get(k) for k in identity}
+        # settings TrainSettings gained after the study was started count at their defaults
+        saved["budget"] = {**study_budget(TrainSettings(), plan.space), **saved["budget"]}
+        differences = _differences(saved, identity)
         if differences:
             raise UserError(f"study {name!r} in {_safe_url(url)} was started with other settings ({differences}); "
                             "run it with the same ones, or pass another --study_name")

@@ -1,4 +1,5 @@
 import csv
+import dataclasses
 import hashlib
 import os
 import shlex
@@ -264,3 +265,14 @@ def test_bad_input_stops_with_one_line_and_loses_nothing(tmp_path, capsys, extra
     assert "password" not in err
     assert hashlib.sha256((out / "study.db").read_bytes()).digest() == before
     assert not (out / "trials").exists()
+
+
+def test_a_study_started_before_a_setting_existed_continues_with_it_at_its_default(tmp_path):
+    plan = kd.tuning.TunePlan(TrainSettings(task="A", num_epochs=2), dict(DEFAULT_SPACE), trials=1)
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    study = kd.tuning.open_study(url, STUDY, plan)
+    study.set_user_attr("budget", {k: v for k, v in study.user_attrs["budget"].items() if k != "mixup"})
+    kd.tuning.open_study(url, STUDY, plan)  # no "started with other settings"
+    with pytest.raises(UserError, match="budget mixup: 0.0 then, 0.4 now"):
+        kd.tuning.open_study(url, STUDY, dataclasses.replace(plan, settings=TrainSettings(task="A", num_epochs=2,
+                                                                                           mixup=0.4)))
