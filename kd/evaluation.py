@@ -32,7 +32,7 @@ from kd.models import count_parameters
 from kd.report import format_task_result, write_json
 from kd.runs import read_metrics, setup_logging
 from kd.speed import Speed, SpeedSettings, measure_speed, sequential_speed
-from kd.students import build_student
+from kd.students import build_student, with_stride_reduction
 from kd.teachers import load_teacher
 
 log = logging.getLogger("kd")
@@ -136,7 +136,8 @@ def load_student(run: RunSelection, task: TaskConfig) -> tuple[nn.Module, dict]:
     """The run's student architecture with the checkpoint's weights, in eval mode; (model, metadata)."""
     state, meta = load_weights(run.checkpoint)
     check_classes(meta, task.classes, f"student checkpoint {run.checkpoint}")
-    model = build_student(run.settings["student_model"], task)
+    name = run.settings["student_model"]
+    model = build_student(name, with_stride_reduction(task, name, run.settings.get("stride_reduction")))
     load_state_into(model, state, f"student checkpoint {run.checkpoint}")
     return model.eval(), meta
 

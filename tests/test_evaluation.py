@@ -22,10 +22,10 @@ from kd import plots
 from kd.checkpoint import save_weights
 from kd.config import load_task_config
 from kd.errors import UserError
-from kd.evaluation import ensemble_probabilities, evaluate_task, main_for_task, task_parser
+from kd.evaluation import RunSelection, ensemble_probabilities, evaluate_task, load_student, main_for_task, task_parser
 from kd.report import build_summary, format_summary, last_line, task_row
 from kd.speed import Speed, SpeedSettings, measure_speed, sequential_speed
-from kd.students import build_student
+from kd.students import build_student, with_stride_reduction
 from kd.teachers import build_teacher
 from tests.conftest import with_random_head
 
@@ -309,6 +309,22 @@ def test_the_ensemble_is_weighted_with_the_runs_own_teacher_weights(fake_project
     assert ensemble["weights"] == [1.0, 0.0] and ensemble["agreement_with_student"] >= 359 / 360
     assert ensemble["accuracy"] == pytest.approx(twin["accuracy"], abs=1 / 360)
     assert saved["teachers"]["other"]["agreement_with_student"] < 0.9  # so a mix would not agree
+
+
+def test_the_student_is_rebuilt_with_the_runs_own_stride_reduction(fake_project, tmp_path):
+    """A run trained with --stride_reduction 2 on a task whose default is 1 has the same weights' shapes
+    either way: only the run's setting rebuilds the network that was trained."""
+    task = load_task_config(fake_project["config"])
+    torch.manual_seed(0)
+    trained = with_random_head(build_student("MobileNetV3", with_stride_reduction(task, "MobileNetV3", 2))).eval()
+    save_weights(trained, tmp_path / "student.safetensors", {"classes": list(task.classes)})
+    run = RunSelection(tmp_path, tmp_path / "student.safetensors", {"student_model": "MobileNetV3",
+                                                                   "stride_reduction": 2})
+    x = torch.rand(4, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(load_student(run, task)[0](x), trained(x), atol=1e-5)
+        as_configured = load_student(RunSelection(tmp_path, run.checkpoint, {"student_model": "MobileNetV3"}), task)
+        assert not torch.allclose(as_configured[0](x), trained(x), atol=1e-3)
 
 
 def test_evaluate_task_explains_a_missing_run_or_teacher(fake_project, tmp_path):
