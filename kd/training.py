@@ -411,10 +411,13 @@ def _teacher_source(settings: TrainSettings, task: TaskConfig, data: TaskData, e
 
     if ensemble is None:
         return batches(None), None
-    if settings.mixup and settings.teacher_cache == "on":
-        raise UserError("--mixup blends images the teacher-logit cache has no logits for; use --teacher_cache "
-                        "auto or off (the teachers then run online)")
-    if settings.teacher_cache != "off" and not settings.mixup:
+    if settings.mixup:
+        if settings.teacher_cache == "on":
+            raise UserError("--mixup blends images the teacher-logit cache has no logits for; use --teacher_cache "
+                            "auto or off (the teachers then run online)")
+        log.info("the teachers run online on the blended images of --mixup (the logit cache holds none)")
+        return batches(None), online_teachers(ensemble)
+    if settings.teacher_cache != "off":
         pooled = batches(settings.teacher_cache_views)
         paths = cache_paths([task.teacher_checkpoint(t) for t in task.teachers], pooled, precision,
                             Path(settings.cache_dir))

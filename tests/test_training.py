@@ -83,6 +83,7 @@ def test_mixup_needs_online_teachers_and_runs_them_when_the_cache_is_auto(tmp_pa
         train_student(settings)
     run_dir = train_student(dataclasses.replace(settings, teacher_cache="auto"))
     assert not (tmp_path / "cache").exists() and (run_dir / "student.safetensors").is_file()
+    assert "the teachers run online on the blended images of --mixup" in kd_log.text
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["settings"]["mixup"] == 0.4
 
 
