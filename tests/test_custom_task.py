@@ -17,7 +17,7 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from kd.checkpoint import save_weights
+from kd.checkpoint import load_weights, save_weights
 from kd.config import load_task_config
 from kd.data import Split, TaskData, load_task_data, read_image
 from kd.distributed import World
@@ -343,9 +343,10 @@ def test_custom_task_end_to_end(colour_task, tmp_path, capsys):
     result = evaluate_task(str(colour_task), run_dir=run, device="cpu", output_dir=tmp_path / "eval2",
                            speed=SpeedSettings(warmup=0, runs=1, throughput_batch=4))
     assert result["provenance"]["test_size"] == 18 and result["classes"] == ["green", "red", "blue"]
-    # the colours are learnable and the class order is the same in every split: a teacher gets them
-    # all right, and the student (10 short epochs) is well above chance
-    assert max(t["accuracy"] for t in result["teachers"].values()) >= 0.9 and result["student"]["accuracy"] > 0.45
+    # the colours are learnable and the class order is the same in every split: a teacher gets them all
+    # right; the student evaluated is the network the run trained, at the test accuracy the run recorded
+    assert max(t["accuracy"] for t in result["teachers"].values()) >= 0.9
+    assert result["student"]["accuracy"] == pytest.approx(load_weights(run / "student.safetensors")[1]["test_acc"])
 
     out = tmp_path / "p.csv"
     predict_main(["--run_dir", str(run), "--csv", str(out), str(colour_task.parent / "data" / "test")])

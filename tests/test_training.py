@@ -75,7 +75,7 @@ def test_mixup_blends_images_and_labels_alike_and_the_teachers_see_the_blend():
     assert seen[0].shape == batch.x.shape and not torch.equal(seen[0], batch.x)
 
 
-def test_mixup_needs_online_teachers_and_runs_them_when_the_cache_is_auto(tmp_path, tiny_teachers, kd_log):
+def test_mixup_needs_online_teachers_and_runs_them_when_the_cache_is_auto(tmp_path, tiny_teachers):
     settings = TrainSettings(task=str(write_task(tmp_path, tiny_teachers)), num_epochs=1, batch_size=128,
                              alpha=0.5, mixup=0.4, student_model="mobilenetv3", device="cpu",
                              output_dir=str(tmp_path / "runs"), teacher_cache="on", cache_dir=str(tmp_path / "cache"))
@@ -83,7 +83,7 @@ def test_mixup_needs_online_teachers_and_runs_them_when_the_cache_is_auto(tmp_pa
         train_student(settings)
     run_dir = train_student(dataclasses.replace(settings, teacher_cache="auto"))
     assert not (tmp_path / "cache").exists() and (run_dir / "student.safetensors").is_file()
-    assert "the teachers run online on the blended images of --mixup" in kd_log.text
+    assert "the teachers run online on the blended images of --mixup" in (run_dir / "train.log").read_text()
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["settings"]["mixup"] == 0.4
 
 

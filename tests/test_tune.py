@@ -102,9 +102,9 @@ def test_a_search_prunes_a_hopeless_trial_continues_on_rerun_and_reports(tmp_pat
     space = tmp_path / "space.yaml"
     space.write_text("lr: {low: 1.0e-7, high: 0.02, log: true}\n")
     # three good trials, then one that cannot learn: the median pruner must stop it once its warm-up epoch
-    # is done. Batch 64: the good trials need enough steps in that epoch to leave chance behind
+    # is done. Batch 32: the good trials need enough steps in that epoch to leave chance behind on any CPU
     enqueue(out, *[{**GOOD, "temperature": t} for t in (1.5, 2.0, 3.0)], {**GOOD, "lr": 1e-7})
-    argv = tune_args(config, out, "--batch_size", "64", "--prune_warmup", "1", "--search_space", str(space))
+    argv = tune_args(config, out, "--batch_size", "32", "--prune_warmup", "1", "--search_space", str(space))
     tune.main([*argv, "--trials", "4"])
 
     study = optuna.load_study(study_name=STUDY, storage=sqlite(out))
