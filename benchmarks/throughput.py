@@ -18,13 +18,13 @@ from pathlib import Path
 
 import torch
 
-from kd.cache import cache_paths, load_or_build_cache
+from kd.cache import TeacherLogitCache, teacher_identity
 from kd.config import load_task_config
 from kd.data import Batches, Split, load_task_data
 from kd.engine import evaluate, fit, online_teachers, select_device, select_precision, train_one_epoch
 from kd.losses import KDLoss
 from kd.students import build_student
-from kd.teachers import TeacherEnsemble, build_teacher, load_teacher
+from kd.teachers import TeacherEnsemble, build_teacher, load_teacher, teacher_build
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -144,8 +144,9 @@ def main(args) -> None:
     fresh, pooled = batches(), batches(args.views)
     val = Batches(val_split, 1024, device)
     with tempfile.TemporaryDirectory() as cache_dir:
-        paths = cache_paths(checkpoints, pooled, precision, Path(cache_dir))
-        cache, build_seconds = timed(lambda: load_or_build_cache(list(ensemble.models), paths, pooled, precision))
+        identities = [teacher_identity(c, teacher_build(t, task)) for c, t in zip(checkpoints, task.teachers)]
+        cache = TeacherLogitCache(list(ensemble.models), identities, pooled, precision, Path(cache_dir))
+        _, build_seconds = timed(lambda: cache.fill(range(args.views)))
         trainers = {
             "a": StudentTrainer(args, task, fresh, precision, 0.0, None),
             "b": StudentTrainer(args, task, fresh, precision, 0.5, online_teachers(ensemble)),

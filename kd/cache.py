@@ -1,20 +1,25 @@
-"""An exact teacher-logit cache: each teacher's logits for a fixed pool of augmented views.
+"""An exact teacher-logit cache: each teacher's logits for a pool of augmented views, made as the run goes.
 
-With K teachers every KD step pays K teacher forward passes. For an in-memory dataset the
-training images are drawn from a fixed pool of V augmented views per image (kd.data.Batches
-with `views=V`), so each view's teacher logits can be computed once, kept as float16 logits
-(not probabilities: the temperature may change), and replayed: the student always trains on
-exactly the view whose logits it is given, as in FKD. A cache file is keyed by the teacher
-checkpoint's hash, the training data's fingerprint, the pool's exact view parameters and the
-precision of the teachers' forward pass, so a sweep over lr, temperature, alpha, seed or student
-reuses it, while a changed teacher, dataset, view pool or precision is never served stale logits.
-The pool is drawn on the CPU whatever the training device (kd.data), so a cache built on one
-device serves runs on another with the same views.
+With K teachers every KD step pays K teacher forward passes. For the training images drawn from a
+pool of V augmented views per image (kd.data.ViewPool; epoch e trains on view e mod V), each view's
+teacher logits can be computed once, kept as float16 logits (not probabilities: the temperature may
+change), and replayed: the student always trains on exactly the view whose logits it is given, as in
+FKD. A view's logits are computed at the start of the first epoch that trains on it, by one teacher
+pass over the split in fixed batches, and saved, one file per teacher and view; a later run of the
+same task loads them. So a first run costs about what online teachers cost, a later one replays, and
+the logits a run trains on are the same floats whether the files existed before it or not.
 
-For a streamed split (kd.streaming) the logits are not held in memory: each teacher's (V, N, C)
-array is a .npy file on disk, written view by view while it is built and read back through a
-memory map, a batch's rows at a time. Its data fingerprint is the files' paths, sizes and
-modification times, so a folder changed since the cache was built gets a cache of its own.
+A file is keyed by everything that determines its logits: the teacher (its checkpoint's hash and how
+it is built and fed: architecture, halvings, normalisation, input size, channels), the training data's
+fingerprint and image shape, the view's exact parameters and the precision of the teachers' forward
+pass. A sweep over lr, temperature, alpha, seed, student or epochs reuses the files; a changed teacher,
+dataset, view or precision is never served stale logits. Views are drawn on the CPU whatever the
+training device (kd.data), so files built on one device serve runs on another.
+
+In memory the cache is one (K, V, N, C) tensor on the training device. For a streamed split
+(kd.streaming) each teacher's view is a (N, C) .npy file on disk, written batch by batch while it is
+built and read back through a memory map, a batch's rows at a time; its data fingerprint is the files'
+paths, sizes and modification times, so a folder changed since the cache was built gets a cache of its own.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Sequence
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -34,13 +40,15 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from kd.checkpoint import atomic_write
-from kd.data import Batch, Batches, FileSplit
+from kd.data import Batch, FileSplit
+from kd.distributed import World, main_process_first
 from kd.engine import Precision
 
 log = logging.getLogger("kd")
 BUDGET_BYTES = 2 * 1024 ** 3  # "auto" caches in memory when all teachers' logits fit in this
 DISK_BUDGET_BYTES = 64 * 10 ** 9  # the largest cache written to disk for streamed data
 BUILD_BATCH_SIZE = 1024
+FORMAT = 3  # bumped whenever what a key names would give other logits
 
 
 def file_sha256(path: Path) -> str:
@@ -56,13 +64,20 @@ def on_disk(batches) -> bool:
     return isinstance(batches.split, FileSplit)
 
 
-def cache_key(teacher_sha: str, data_fingerprint: str, batches: Batches, precision: str) -> str:
-    """Everything that determines a cache's logits: the teacher's weights, the images, the exact view
-    parameters (crop offsets and flips, not only the seed they were drawn from) and the precision the
-    teacher ran in."""
-    views = hashlib.sha256(batches.view_params.cpu().numpy().tobytes()).hexdigest()
-    parts = {"teacher": teacher_sha, "data": data_fingerprint, "view_params": views,
-             "augment": asdict(batches.augment) if batches.augment else None, "precision": precision, "format": 2}
+def teacher_identity(checkpoint: Path, build: dict) -> str:
+    """A teacher as far as its logits go: its checkpoint's hash and how it is built and fed (`build`:
+    architecture, halvings, normalisation, input size, channels: what the weights file does not say)."""
+    parts = {"checkpoint": file_sha256(checkpoint), "build": build}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def cache_key(teacher: str, batches, view: int, precision: str) -> str:
+    """Everything that determines one teacher's logits for one pooled view: the teacher (see
+    `teacher_identity`), the images and their decoded shape, the view's exact parameters (crop offsets
+    and flips, not only the seed they were drawn from) and the precision the teacher ran in."""
+    parts = {"teacher": teacher, "data": batches.split.fingerprint, "shape": list(batches.split.image_shape),
+             "view": batches.pool.fingerprint(view), "augment": asdict(batches.augment) if batches.augment else None,
+             "precision": precision, "format": FORMAT}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -73,8 +88,8 @@ def repeated_views_note(num_epochs: int, batches) -> str | None:
         return None
     return (f"teacher-logit cache: {num_epochs} epochs replay {batches.num_views} augmented views per image, so "
             f"each view comes back about {num_epochs / batches.num_views:.0f} times; that costs accuracy against "
-            f"online teachers (README, \"The teacher-logit cache\"): --teacher_cache_views {num_epochs} or "
-            "--teacher_cache off avoids it")
+            f"online teachers (README, \"The teacher-logit cache\"): the default --teacher_cache_views (the run's "
+            "epochs) or --teacher_cache off avoids it")
 
 
 def cache_bytes(num_teachers: int, views: int, num_images: int, num_classes: int) -> int:
@@ -82,100 +97,140 @@ def cache_bytes(num_teachers: int, views: int, num_images: int, num_classes: int
 
 
 class TeacherLogitCache:
-    """Replays cached teacher logits: a Batch (with its view indices) -> logits (K, B, C)."""
+    """Replays cached teacher logits: a Batch (with its view indices) -> logits (K, B, C).
 
-    def __init__(self, logits: torch.Tensor):
-        self.logits = logits  # (K, V, N, C) float16
+    `set_epoch(e)` (called by kd.engine.fit before each epoch, as a DistributedSampler's is) makes sure
+    the epoch's view is there: loaded from its files, or computed by one pass of each teacher and saved.
+    `fill(views)` does the same for any views (a sweep's preparation, tests). Under torchrun process 0
+    computes a missing view while the others wait, then every process loads its files.
+    """
+
+    def __init__(self, teachers: Sequence[nn.Module], identities: Sequence[str], batches, precision: Precision,
+                 cache_dir: Path, world: World | None = None):
+        if batches.pool is None:
+            raise ValueError("cached teacher logits need batches drawn from a view pool")
+        self.teachers, self.identities, self.batches = list(teachers), list(identities), batches
+        self.precision, self.cache_dir, self.world = precision, Path(cache_dir), world
+        self.store = DiskViews(len(self.teachers)) if on_disk(batches) else \
+            MemoryViews(len(self.teachers), len(batches.pool), len(batches.split), precision.device)
+        self.built: list[int] = []
+
+    def paths(self, view: int) -> list[Path]:
+        suffix = ".npy" if on_disk(self.batches) else ".safetensors"
+        return [self.cache_dir / f"{cache_key(t, self.batches, view, self.precision.name)}{suffix}"
+                for t in self.identities]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.fill([epoch % len(self.batches.pool)])
+
+    def fill(self, views: Iterable[int]) -> None:
+        for view in views:
+            if view not in self.store:
+                with main_process_first(self.world) if self.world else nullcontext():
+                    self._load_or_build(view)
 
     def __call__(self, batch: Batch) -> torch.Tensor:
         if batch.view is None:
             raise ValueError("cached teacher logits need batches drawn from a view pool")
+        return self.store.rows(batch)
+
+    @property
+    def nbytes(self) -> int:
+        return self.store.nbytes
+
+    def _load_or_build(self, view: int) -> None:
+        started, paths = time.perf_counter(), self.paths(view)
+        missing = [i for i, path in enumerate(paths) if not path.is_file()]
+        for i in missing:
+            atomic_write(paths[i], lambda tmp, t=self.teachers[i]: self._write(t, view, Path(tmp)))
+        self.store.load(view, paths)
+        if missing:
+            self.built.append(view)
+            log.info("teacher-logit cache: view %d of %d computed for %d of %d teachers in %.1fs (%s)", view + 1,
+                     len(self.batches.pool), len(missing), len(paths), time.perf_counter() - started, self.cache_dir)
+
+    def _write(self, teacher: nn.Module, view: int, path: Path) -> None:
+        if on_disk(self.batches):
+            write_view_logits(teacher, self.batches, self.precision, view, path)
+        else:
+            logits = torch.cat([logits for _, logits in view_logits(teacher, self.batches, self.precision, view)])
+            save_file({"logits": logits.cpu()}, str(path))
+
+
+class MemoryViews:
+    """The cached views in one (K, V, N, C) float16 tensor on the training device. A view not yet
+    loaded is NaN, so a batch of it could never pass for real targets."""
+
+    def __init__(self, teachers: int, views: int, images: int, device: torch.device):
+        self.logits: torch.Tensor | None = None
+        self.shape, self.device, self.loaded = (teachers, views, images), device, set()
+
+    def __contains__(self, view: int) -> bool:
+        return view in self.loaded
+
+    def load(self, view: int, paths: list[Path]) -> None:
+        stacked = torch.stack([load_file(str(path), device=str(self.device))["logits"] for path in paths])
+        if self.logits is None:
+            self.logits = torch.full((*self.shape, stacked.shape[-1]), torch.nan, dtype=torch.float16,
+                                     device=self.device)
+        self.logits[:, view] = stacked
+        self.loaded.add(view)
+
+    def rows(self, batch: Batch) -> torch.Tensor:
         return self.logits[:, batch.view, batch.index]
 
     @property
     def nbytes(self) -> int:
-        return self.logits.numel() * 2
+        return 0 if self.logits is None else self.logits.numel() * 2
 
 
-class DiskLogitCache:
-    """Replays teacher logits kept on disk: one memory-mapped (V, N, C) float16 array per teacher."""
+class DiskViews:
+    """The cached views of a streamed split: per view, one memory-mapped (N, C) float16 array per teacher."""
 
-    def __init__(self, arrays: list[np.ndarray]):
-        self.arrays = arrays
+    def __init__(self, teachers: int):
+        self.teachers, self.arrays = teachers, {}
 
-    def __call__(self, batch: Batch) -> torch.Tensor:
-        if batch.view is None:
-            raise ValueError("cached teacher logits need batches drawn from a view pool")
+    def __contains__(self, view: int) -> bool:
+        return view in self.arrays
+
+    def load(self, view: int, paths: list[Path]) -> None:
+        self.arrays[view] = [np.load(path, mmap_mode="r") for path in paths]
+
+    def rows(self, batch: Batch) -> torch.Tensor:
         view, index = batch.view.cpu().numpy(), batch.index.cpu().numpy()
-        rows = np.stack([array[view, index] for array in self.arrays])
-        return torch.from_numpy(rows).to(batch.x.device, non_blocking=True)
+        first = self.arrays[int(view[0])]
+        out = np.empty((self.teachers, len(index), first[0].shape[1]), dtype=np.float16)
+        for v in np.unique(view):
+            rows = view == v
+            for k, array in enumerate(self.arrays[int(v)]):
+                out[k, rows] = array[index[rows]]
+        return torch.from_numpy(out).to(batch.x.device, non_blocking=True)
 
     @property
     def nbytes(self) -> int:
-        return sum(array.nbytes for array in self.arrays)
+        return sum(array.nbytes for arrays in self.arrays.values() for array in arrays)
 
 
-def cache_paths(checkpoints: list[Path], batches, precision: Precision, cache_dir: Path) -> list[Path]:
-    data = batches.split.fingerprint
-    suffix = ".npy" if on_disk(batches) else ".safetensors"
-    return [Path(cache_dir) / f"{cache_key(file_sha256(c), data, batches, precision.name)}{suffix}"
-            for c in checkpoints]
-
-
-def load_or_build_cache(teachers: list[nn.Module], paths: list[Path], batches,
-                        precision: Precision) -> TeacherLogitCache | DiskLogitCache:
-    """Load each teacher's cached logits, computing and saving the missing ones first; in memory, or
-    memory-mapped from disk for streamed data."""
-    started = time.perf_counter()
-    built = sum(not path.is_file() for path in paths)
-    if on_disk(batches):
-        for teacher, path in zip(teachers, paths):
-            if not path.is_file():
-                atomic_write(path, lambda tmp, t=teacher: write_view_logits(t, batches, precision, Path(tmp)))
-        cache = DiskLogitCache([np.load(path, mmap_mode="r") for path in paths])
-    else:
-        cache = TeacherLogitCache(torch.stack([_memory_logits(t, path, batches, precision)
-                                               for t, path in zip(teachers, paths)]))
-    verb = f"built {built} of {len(paths)} teachers' entries in {time.perf_counter() - started:.1f}s" if built \
-        else f"loaded in {time.perf_counter() - started:.1f}s"
-    log.info("teacher-logit cache: %d teachers x %d views x %d images, %.1f MB %s, %s (%s)", len(paths),
-             batches.num_views, len(batches.split), cache.nbytes / 1e6, "on disk" if on_disk(batches) else "in memory",
-             verb, paths[0].parent)
-    return cache
-
-
-def _memory_logits(teacher: nn.Module, path: Path, batches: Batches, precision: Precision) -> torch.Tensor:
-    if path.is_file():
-        return load_file(str(path), device=str(precision.device))["logits"]
-    views = torch.stack([torch.cat([logits for _, logits in view_logits(teacher, batches, precision, v)])
-                         for v in _views(batches)])
-    atomic_write(path, lambda tmp: save_file({"logits": views.cpu()}, tmp))
-    return views
-
-
-def write_view_logits(teacher: nn.Module, batches, precision: Precision, path: Path) -> None:
-    """The teacher's float16 logits for every pooled view of every image, written to a .npy file at
-    `path` one batch at a time (never held whole)."""
+def write_view_logits(teacher: nn.Module, batches, precision: Precision, view: int, path: Path) -> None:
+    """The teacher's float16 logits for pooled view `view` of every image, written to a (N, C) .npy
+    file at `path` one batch at a time (never held whole)."""
     array = None
-    for v in _views(batches):
-        for index, logits in view_logits(teacher, batches, precision, v):
-            if array is None:
-                shape = (batches.num_views, len(batches.split), logits.shape[1])
-                array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=shape)
-            array[v, index.cpu().numpy()] = logits.cpu().numpy()
+    for index, logits in view_logits(teacher, batches, precision, view):
+        if array is None:
+            shape = (len(batches.split), logits.shape[1])
+            array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=shape)
+        array[index.cpu().numpy()] = logits.cpu().numpy()
     array.flush()
     del array  # closes the map before the file is renamed
 
 
-def _views(batches) -> Iterator[int]:
-    return iter(tqdm(range(batches.num_views), desc="caching teacher logits", leave=False, dynamic_ncols=True))
-
-
 @torch.inference_mode()
-def view_logits(teacher: nn.Module, batches, precision: Precision, view: int) -> Iterator[tuple[torch.Tensor,
-                                                                                                  torch.Tensor]]:
-    """(image indices, the teacher's float16 logits) for pooled view `view` of every image, in order."""
+def view_logits(teacher: nn.Module, batches, precision: Precision, view: int):
+    """(image indices, the teacher's float16 logits) for pooled view `view` of every image, in fixed
+    batches of BUILD_BATCH_SIZE: the same floats whichever run or process computes them."""
     teacher.eval()
-    for batch in batches.view_batches(view, BUILD_BATCH_SIZE):
+    bar = tqdm(batches.view_batches(view, BUILD_BATCH_SIZE), total=-(-len(batches.split) // BUILD_BATCH_SIZE),
+               desc=f"caching teacher logits, view {view + 1}", leave=False, dynamic_ncols=True)
+    for batch in bar:
         with precision.autocast():
             yield batch.index, teacher(batch.x).to(torch.float16)

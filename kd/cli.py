@@ -136,10 +136,12 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr_schedule", default=DEFAULTS.lr_schedule, choices=LR_SCHEDULES,
                    help="step: StepLR with --scheduler_step/--scheduler_gamma; cosine: decay to 0 over --num_epochs")
     p.add_argument("--teacher_cache", default=DEFAULTS.teacher_cache, choices=["auto", "on", "off"],
-                   help="replay cached teacher logits instead of running the teachers every step; auto: when "
-                        "they fit the budget and the cache exists or pays off within this run")
+                   help="replay cached teacher logits instead of running the teachers every step (each view's "
+                        "logits computed the first epoch that trains on it, kept for later runs); auto: when "
+                        "they fit the memory budget (streamed data: the disk)")
     p.add_argument("--teacher_cache_views", type=positive_int, default=DEFAULTS.teacher_cache_views,
-                   help="augmented views per training image in the cache's fixed view pool")
+                   help="augmented views per training image in the cache's view pool; epoch e trains on view e "
+                        "mod this (default: the run's epochs, so every epoch sees a view of its own)")
     p.add_argument("--cache_dir", default=DEFAULTS.cache_dir, help="where teacher-logit caches are kept")
     p.add_argument("--data_storage", default=DEFAULTS.data_storage, choices=STORAGES,
                    help="image folders: decode every image into memory, stream them from their files, or auto "

@@ -409,12 +409,41 @@ def active_augment(augment: AugmentSpec | None) -> AugmentSpec | None:
     return augment if augment and (augment.crop_padding or augment.hflip) else None
 
 
-def view_pool(n: int, augment: AugmentSpec | None, views: int, pool_seed: int) -> torch.Tensor:
-    """(V, N, 3) augmentation parameters of a fixed pool of V views per image, drawn on the CPU from
-    `pool_seed`; a single un-augmented view without augmentation."""
-    if augment is None:
-        return torch.zeros((1, n, 3), dtype=torch.long)
-    return torch.stack([sample_augment_params(n, augment, _generator(pool_seed, v), "cpu") for v in range(views)])
+class ViewPool:
+    """A pool of `size` augmented views per image. View v of every image is drawn on the CPU from its own
+    generator (pool_seed, v), so a view is the same whatever the pool's size, the run's seed or its
+    device, and is made only when first asked for. Without augmentation the pool is one view: the image."""
+
+    def __init__(self, n: int, augment: AugmentSpec | None, size: int, pool_seed: int):
+        self.n, self.augment, self.pool_seed = n, augment, pool_seed
+        self.size = size if augment is not None else 1
+        self._last: tuple[int, torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        return self.size
+
+    def params(self, view: int) -> torch.Tensor:
+        """(N, 3) augmentation parameters of view `view` of every image (zeros without augmentation)."""
+        if not 0 <= view < self.size:
+            raise IndexError(f"view {view} of a pool of {self.size}")
+        if self._last is None or self._last[0] != view:  # an epoch asks for one view batch after batch
+            params = torch.zeros((self.n, 3), dtype=torch.long) if self.augment is None else \
+                sample_augment_params(self.n, self.augment, _generator(self.pool_seed, view), "cpu")
+            self._last = (view, params)
+        return self._last[1]
+
+    def params_at(self, view: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """(B, 3) parameters of pooled view view[i] of image index[i], on index's device."""
+        out = torch.empty((len(index), 3), dtype=torch.long)
+        view, cpu_index = view.cpu(), index.cpu()
+        for v in view.unique().tolist():
+            rows = view == v
+            out[rows] = self.params(v)[cpu_index[rows]]
+        return out.to(index.device)
+
+    def fingerprint(self, view: int) -> str:
+        """A hash of view `view`'s exact parameters (every crop offset and flip, not only their seed)."""
+        return hashlib.sha256(self.params(view).numpy().tobytes()).hexdigest()
 
 
 class BatchPlan:
@@ -423,8 +452,9 @@ class BatchPlan:
     The one source of order for both data paths (the resident `Batches` and kd.streaming's
     `StreamBatches`), so they give the same batches for the same seed. Shuffling and augmentation
     draw from CPU generators seeded by (seed, epoch): an epoch's batches are reproducible and
-    independent of what ran before, which makes a resumed run exact. With `num_views`, each epoch
-    picks one of the pool's views per image instead of drawing new parameters. Yields (index, params,
+    independent of what ran before, which makes a resumed run exact. With `num_views` V, epoch e trains
+    every image on pooled view e mod V instead of drawing new parameters: a run of at most V epochs sees
+    a distinct view of each image every epoch, as online augmentation would. Yields (index, params,
     view) CPU tensors; params (B, 3) for fresh augmentation, view (B,) for a pooled one, else None.
     """
 
@@ -453,12 +483,11 @@ class BatchPlan:
         n = self.n
         order = torch.randperm(n, generator=_generator(self.seed, self.epoch, 0)) if self.shuffle else torch.arange(n)
         aug_gen = _generator(self.seed, self.epoch, 1)
-        chosen = None if self.num_views is None else torch.randint(0, self.num_views, (n,), generator=aug_gen)
         for global_batch in self._global_batches(order):
             mine = self._share(len(global_batch))
             idx = global_batch[mine]
-            if chosen is not None:
-                yield idx, None, chosen[idx]
+            if self.num_views is not None:
+                yield idx, None, torch.full_like(idx, self.epoch % self.num_views)
             elif self.augment is not None:
                 # drawn for the whole global batch, so each process augments its images differently
                 # and the processes together augment exactly as one process would
@@ -488,9 +517,9 @@ class BatchPlan:
 class PlannedBatches:
     """What both data paths share: a split, its augmentation, the pool of views and the BatchPlan.
 
-    With `views=V`, augmentation comes from a fixed pool of V views per image, drawn once from
-    `pool_seed`; each epoch picks one of them per image. A pooled view can be replayed exactly, so its
-    teacher logits can be computed once and cached (kd.cache). With `drop_last` (training) an
+    With `views=V`, augmentation comes from a `ViewPool` of V views per image drawn from `pool_seed`;
+    epoch e trains on view e mod V. A pooled view can be replayed exactly, so its teacher logits can be
+    computed once and cached (kd.cache). With `drop_last` (training) an
     incomplete last batch is left out, as timm's loader does: BatchNorm cannot train on a batch of one
     image at a 1x1 map, and with shuffling every image is still seen over the epochs.
     """
@@ -501,13 +530,13 @@ class PlannedBatches:
         self.split = split
         self.device = torch.device(device)
         self.augment = active_augment(augment)
-        self.view_params = view_pool(len(split), self.augment, views, pool_seed) if views else None
+        self.pool = ViewPool(len(split), self.augment, views, pool_seed) if views else None
         self.plan = BatchPlan(len(split), batch_size, shuffle=shuffle, augment=self.augment, seed=seed,
                               num_views=self.num_views, rank=rank, world_size=world_size, drop_last=drop_last)
 
     @property
     def num_views(self) -> int | None:
-        return None if self.view_params is None else len(self.view_params)
+        return None if self.pool is None else len(self.pool)
 
     def set_epoch(self, epoch: int) -> None:
         self.plan.set_epoch(epoch)
@@ -522,8 +551,6 @@ class Batches(PlannedBatches):
 
     def __init__(self, split: Split, batch_size: int, device, **options):
         super().__init__(split.to(device), batch_size, device, **options)
-        if self.view_params is not None:
-            self.view_params = self.view_params.to(self.device)
 
     def __iter__(self) -> Iterator[Batch]:
         for idx, params, view in self.plan:
@@ -542,7 +569,7 @@ class Batches(PlannedBatches):
 
     def batch(self, idx: torch.Tensor, view: torch.Tensor | None = None) -> Batch:
         """The images at `idx`: pooled view `view` of each, or un-augmented without views."""
-        params = self.view_params[view, idx] if self.augment is not None and view is not None else None
+        params = self.pool.params_at(view, idx) if self.augment is not None and view is not None else None
         return self._make_batch(idx, params, view)
 
     def _make_batch(self, idx: torch.Tensor, params: torch.Tensor | None, view: torch.Tensor | None) -> Batch:

@@ -196,6 +196,8 @@ def fit(model: nn.Module, train_batches, val_batches, *, optimizer, scheduler, c
     for epoch in bar:
         started = time.perf_counter()
         train_batches.set_epoch(epoch)
+        if hasattr(teachers, "set_epoch"):  # a logit cache readies the epoch's views
+            teachers.set_epoch(epoch)
         lr = optimizer.param_groups[0]["lr"]
         train = train_one_epoch(model, train_batches, optimizer, criterion, precision, teachers,
                                 desc=f"epoch {epoch + 1}/{epochs}", progress=progress, mixup=mixup)

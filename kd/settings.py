@@ -34,7 +34,7 @@ class TrainSettings:
     teacher_epochs: int | None = None
     teacher_weighting: str = "uniform"
     teacher_cache: str = "auto"  # auto | on | off
-    teacher_cache_views: int = 4
+    teacher_cache_views: int | None = None  # None: as many as the run has epochs
     cache_dir: str = "cache"
     resume: str | None = None  # "auto", a run folder, or its checkpoint_last.pt
     teacher_weights: tuple[float, ...] | None = None  # for teacher_weighting="fixed"; default: the config's

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import functional as TF
 
 from kd.config import AugmentSpec
-from kd.data import Batch, BatchPlan, FileSplit, PlannedBatches, read_image
+from kd.data import Batch, BatchPlan, FileSplit, PlannedBatches, ViewPool, read_image
 from kd.errors import UserError
 
 log = logging.getLogger("kd")
@@ -79,7 +79,7 @@ class StreamBatches(PlannedBatches):
     def __init__(self, split: FileSplit, batch_size: int, device, **options):
         super().__init__(split, batch_size, device, **options)
         self.reported: set[str] = set()
-        self._loader = self._make_loader(PlanItems(self.plan, self.view_params, self.augment), persistent=True)
+        self._loader = self._make_loader(PlanItems(self.plan, self.pool, self.augment), persistent=True)
 
     def __iter__(self) -> Iterator[Batch]:
         return self._batches(self._loader)
@@ -88,7 +88,7 @@ class StreamBatches(PlannedBatches):
         """Every image of the split in order, as pooled view `view`: what a teacher-logit cache is built from."""
         n = len(self.split)
         starts = range(0, n, batch_size)
-        items = [[pooled_item(i, view, self.view_params, self.augment) for i in range(s, min(s + batch_size, n))]
+        items = [[pooled_item(i, view, self.pool, self.augment) for i in range(s, min(s + batch_size, n))]
                  for s in starts]
         return self._batches(self._make_loader(items, persistent=False))
 
@@ -113,9 +113,9 @@ class StreamBatches(PlannedBatches):
                 log.warning("skipped an unreadable image: %s", error)
 
 
-def pooled_item(index: int, view: int, view_params: torch.Tensor, augment: AugmentSpec | None) -> Item:
+def pooled_item(index: int, view: int, pool: ViewPool, augment: AugmentSpec | None) -> Item:
     """What a worker needs for pooled view `view` of an image: its index, crop and flip, and the view."""
-    return index, None if augment is None else tuple(view_params[view, index].tolist()), view
+    return index, None if augment is None else tuple(pool.params(view)[index].tolist()), view
 
 
 class PlanItems:
@@ -126,8 +126,8 @@ class PlanItems:
     collector frees, which may then run in a worker forked later and fail to stop this loader's workers.
     """
 
-    def __init__(self, plan: BatchPlan, view_params: torch.Tensor | None, augment: AugmentSpec | None):
-        self.plan, self.view_params, self.augment = plan, view_params, augment
+    def __init__(self, plan: BatchPlan, pool: ViewPool | None, augment: AugmentSpec | None):
+        self.plan, self.pool, self.augment = plan, pool, augment
 
     def __len__(self) -> int:
         return len(self.plan)
@@ -135,7 +135,7 @@ class PlanItems:
     def __iter__(self) -> Iterator[list[Item]]:
         for idx, params, view in self.plan:
             if view is not None:
-                yield [pooled_item(i, v, self.view_params, self.augment) for i, v in zip(idx.tolist(), view.tolist())]
+                yield [pooled_item(i, v, self.pool, self.augment) for i, v in zip(idx.tolist(), view.tolist())]
             elif params is not None:
                 yield [(i, tuple(p), None) for i, p in zip(idx.tolist(), params.tolist())]
             else:

@@ -436,7 +436,7 @@ def format_summary(task: TaskConfig, plan: StudyPlan, base: TrainSettings, out: 
              + (f"; the tables also show its {others} other run(s) at this budget (other students, arms or seeds)"
                 if others else "") + ". Test accuracy is that of each run's "
              "best-validation checkpoint. Arms: alpha0 = labels only; uniform, entropy, confidence = KD with that "
-             f"teacher weighting from the teacher-logit cache ({base.teacher_cache_views} fixed views per image); "
+             f"teacher weighting from the teacher-logit cache ({base.teacher_cache_views or base.num_epochs} views per image); "
              "uniform_online = uniform KD with the teachers run online on fresh augmentation. KD runs count only "
              "beside the teacher checkpoints they learnt from (runs.csv's teachers column), those below.", "",
              VERDICT_RULE, ""]

@@ -52,6 +52,13 @@ def build_teacher(spec: TeacherSpec, task: TaskConfig, *, pretrained: bool | Pat
                         stride_reduction=0 if plain_timm else teacher_stride_reduction(spec, task))
 
 
+def teacher_build(spec: TeacherSpec, task: TaskConfig) -> dict:
+    """How `build_teacher` builds and feeds this teacher, as plain values: what its weights file does not say."""
+    return {"arch": spec.arch, "stride_reduction": teacher_stride_reduction(spec, task),
+            "mean": list(spec.mean or task.mean), "std": list(spec.std or task.std),
+            "input_size": task.data.input_size, "channels": task.data.channels, "classes": task.num_classes}
+
+
 def teacher_stride_reduction(spec: TeacherSpec, task: TaskConfig) -> int:
     return default_stride_reduction(task.data.input_size) if spec.stride_reduction is None else spec.stride_reduction
 

@@ -18,8 +18,8 @@ import torch.nn as nn
 import yaml
 from torch.nn.parallel import DistributedDataParallel
 
-from kd.cache import (BUDGET_BYTES, DISK_BUDGET_BYTES, cache_bytes, cache_paths, load_or_build_cache, on_disk,
-                      repeated_views_note)
+from kd.cache import (BUDGET_BYTES, DISK_BUDGET_BYTES, TeacherLogitCache, cache_bytes, on_disk, repeated_views_note,
+                      teacher_identity)
 from kd.checkpoint import (atomic_torch_save, atomic_write, load_state_into, load_torch_checkpoint, load_weights,
                            save_weights)
 from kd.config import TaskConfig, TeacherSpec, load_task_config, normalisable
@@ -33,7 +33,7 @@ from kd.models import count_parameters
 from kd.settings import TrainSettings
 from kd.runs import MetricsLog, create_run_dir, log_to_file, run_name, setup_logging, write_yaml
 from kd.students import STUDENT_ARCHS, build_student, canonical_student_name, with_stride_reduction
-from kd.teachers import TeacherEnsemble, build_teacher, load_teachers, teacher_accuracies
+from kd.teachers import TeacherEnsemble, build_teacher, load_teachers, teacher_accuracies, teacher_build
 
 log = logging.getLogger("kd")
 EVAL_BATCH_SIZE = 512
@@ -105,14 +105,14 @@ def train_teachers(settings: TrainSettings) -> Path:
         return task.teacher_checkpoint(task.teachers[0]).parent
 
 
-def prepare_teachers(settings: TrainSettings, runs: int) -> None:
-    """Train the missing teachers and build their logit cache (unless teacher_cache is off, or auto and
-    the cache would not pay off within `runs` runs of these settings): what many runs share, done once
-    before them."""
+def prepare_teachers(settings: TrainSettings) -> None:
+    """Train the missing teachers and compute every view of their logit cache that runs of these
+    settings train on (unless the cache is off): what many runs share, done once before them."""
     with _session(settings) as (task, data, precision, world):
         ensemble = ensure_teachers(task, data, precision, world, settings.teacher_epochs)
-        with main_process_first(world):
-            _teacher_source(settings, task, data, ensemble, precision, world, runs)
+        _, teachers = _teacher_source(settings, task, data, ensemble, precision, world)
+        if isinstance(teachers, TeacherLogitCache):
+            teachers.fill(range(min(settings.num_epochs, len(teachers.batches.pool))))
 
 
 @contextmanager
@@ -300,8 +300,7 @@ def _train_in(run_dir: Path, settings: TrainSettings, task: TaskConfig, trainee:
         ensemble.to(memory_format=torch.channels_last)
     if ensemble is None and trainee.role == "student":
         log.info("alpha = 0: hard labels only, the teachers are not used")
-    with main_process_first(world):
-        train_batches, teachers = _teacher_source(settings, task, data, ensemble, precision, world)
+    train_batches, teachers = _teacher_source(settings, task, data, ensemble, precision, world)
 
     seed_everything(settings.seed)
     model = trainee.build().to(device)
@@ -401,9 +400,8 @@ def _wrap_for_training(student: nn.Module, settings: TrainSettings, device: torc
 
 
 def _teacher_source(settings: TrainSettings, task: TaskConfig, data: TaskData, ensemble, precision: Precision,
-                    world: World, runs: int = 1):
-    """(training batches, teacher logits per batch): replayed from the cache, run online, or None.
-    `runs`: how many runs of these settings will share a cache this call builds."""
+                    world: World):
+    """(training batches, teacher logits per batch): replayed from the cache, run online, or None."""
     def batches(views):
         return data.train.batches(settings.batch_size, precision.device, shuffle=True, augment=task.augment,
                                   seed=settings.seed, views=views, pool_seed=task.data.split_seed, rank=world.rank,
@@ -418,20 +416,28 @@ def _teacher_source(settings: TrainSettings, task: TaskConfig, data: TaskData, e
         log.info("the teachers run online on the blended images of --mixup (the logit cache holds none)")
         return batches(None), online_teachers(ensemble)
     if settings.teacher_cache != "off":
-        pooled = batches(settings.teacher_cache_views)
-        paths = cache_paths([task.teacher_checkpoint(t) for t in task.teachers], pooled, precision,
-                            Path(settings.cache_dir))
-        if _use_cache(settings, pooled, paths, task.num_classes, runs):
+        pooled = batches(settings.teacher_cache_views or settings.num_epochs)
+        if _use_cache(settings, pooled, len(task.teachers), task.num_classes):
             if note := repeated_views_note(settings.num_epochs, pooled):
                 log.info(note)  # not a warning: a tuner's trials and every DDP process would repeat it
-            return pooled, load_or_build_cache(list(ensemble.models), paths, pooled, precision)
+            identities = [teacher_identity(task.teacher_checkpoint(t), teacher_build(t, task)) for t in task.teachers]
+            size = cache_bytes(len(identities), min(settings.num_epochs, pooled.num_views), len(pooled.split),
+                               task.num_classes)
+            log.info("teacher-logit cache: %d teachers x %d views x %d images, %.1f MB %s; each view computed the "
+                     "first epoch that trains on it, then kept (%s)", len(identities), pooled.num_views,
+                     len(pooled.split), size / 1e6, "on disk" if on_disk(pooled) else "in memory", settings.cache_dir)
+            return pooled, TeacherLogitCache(list(ensemble.models), identities, pooled, precision,
+                                             Path(settings.cache_dir), world)
     return batches(None), online_teachers(ensemble)
 
 
-def _use_cache(settings: TrainSettings, pooled, paths: list[Path], num_classes: int, runs: int) -> bool:
-    size = cache_bytes(len(paths), pooled.num_views, len(pooled.split), num_classes)
+def _use_cache(settings: TrainSettings, pooled, num_teachers: int, num_classes: int) -> bool:
+    """Whether the run's views of all teachers' logits fit: in BUDGET_BYTES of memory, or on disk for
+    streamed data (`on` insists on the latter, and on memory beyond the budget)."""
+    views = min(settings.num_epochs, pooled.num_views)
+    size = cache_bytes(num_teachers, views, len(pooled.split), num_classes)
     if on_disk(pooled):
-        too_large = _disk_shortage(settings, size, paths)
+        too_large = _disk_shortage(settings, size)
         if too_large and settings.teacher_cache == "on":
             raise UserError(f"the teacher-logit cache would take {too_large}; use fewer --teacher_cache_views, "
                             "another --cache_dir or --teacher_cache off")
@@ -443,25 +449,18 @@ def _use_cache(settings: TrainSettings, pooled, paths: list[Path], num_classes: 
     if too_large:
         log.info("teacher-logit cache off: %s", too_large)
         return False
-    if settings.teacher_cache == "auto" and any(not p.is_file() for p in paths) \
-            and settings.num_epochs * runs < pooled.num_views:
-        log.info("teacher-logit cache off: building it costs %d teacher passes over the data, more than %d "
-                 "epoch(s) of training; --teacher_cache on builds it for later runs", pooled.num_views,
-                 settings.num_epochs * runs)
-        return False
     return True
 
 
-def _disk_shortage(settings: TrainSettings, size: int, paths: list[Path]) -> str | None:
+def _disk_shortage(settings: TrainSettings, size: int) -> str | None:
     """Why a cache on disk (streamed data) cannot be written: over DISK_BUDGET_BYTES or the free space of
-    --cache_dir; None when it fits."""
-    missing = sum(size // len(paths) for p in paths if not p.is_file())
+    --cache_dir; None when it fits (views already there count as space to write: an upper bound)."""
     Path(settings.cache_dir).mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(settings.cache_dir).free
-    if size <= DISK_BUDGET_BYTES and missing <= free:
+    if size <= DISK_BUDGET_BYTES and size <= free:
         return None
-    return (f"{size / 1e9:.1f} GB on disk ({missing / 1e9:.1f} GB to write, {free / 1e9:.1f} GB free in "
-            f"{settings.cache_dir}, budget {DISK_BUDGET_BYTES / 1e9:.0f} GB)")
+    return (f"{size / 1e9:.1f} GB on disk ({free / 1e9:.1f} GB free in {settings.cache_dir}, budget "
+            f"{DISK_BUDGET_BYTES / 1e9:.0f} GB)")
 
 
 class RunCheckpoints:

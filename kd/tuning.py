@@ -218,7 +218,7 @@ def run_tuning(plan: TunePlan) -> str:
     reclaim_killed_trials(study)
     if finished_count(study) < plan.trials:
         if plan.space["alpha"].may_exceed(0.0):
-            prepare_teachers(settings, runs=plan.trials)  # once: trials replay the cache it builds
+            prepare_teachers(settings)  # once: trials replay the cache it builds
         search(study, plan, task, out)
     return report(study, plan, task, out)
 

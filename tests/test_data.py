@@ -109,10 +109,12 @@ def test_view_pool_replays_the_same_views():
     spec = AugmentSpec(crop_padding=2, hflip=True)
     batches = Batches(split, 8, "cpu", shuffle=True, augment=spec, seed=1, views=3, pool_seed=7)
     again = Batches(split, 8, "cpu", shuffle=True, augment=spec, seed=99, views=3, pool_seed=7)
-    assert batches.num_views == 3 and torch.equal(batches.view_params, again.view_params)
-    for batch in batches:
-        replay = again.batch(batch.index, batch.view)
-        assert torch.equal(batch.x, replay.x) and batch.view.max() < 3
+    assert batches.num_views == 3 and all(torch.equal(batches.pool.params(v), again.pool.params(v)) for v in range(3))
+    for epoch in range(5):
+        batches.set_epoch(epoch)
+        for batch in batches:
+            replay = again.batch(batch.index, batch.view)
+            assert torch.equal(batch.x, replay.x) and set(batch.view.tolist()) == {epoch % 3}
     views = [torch.equal(batches.batch(torch.arange(20), torch.full((20,), v)).x,
                          batches.batch(torch.arange(20), torch.zeros(20, dtype=torch.long)).x) for v in range(3)]
     assert views == [True, False, False]  # the pool's views differ from each other

@@ -14,7 +14,7 @@ import torch
 import yaml
 
 import kd.data
-from kd.cache import DiskLogitCache, cache_paths, load_or_build_cache
+from kd.cache import DiskViews, TeacherLogitCache
 from kd.config import AugmentSpec, load_task_config
 from kd.data import FileSplit, Split, load_task_data
 from kd.engine import Precision
@@ -81,7 +81,7 @@ def test_worker_processes_change_nothing_and_pooled_views_replay(folder_task):
     memory, stream = both_paths(folder_task, workers=2)
     options = dict(shuffle=True, augment=AUGMENT, seed=1, views=3, pool_seed=7)
     resident, streamed = memory.train.batches(8, "cpu", **options), stream.train.batches(8, "cpu", **options)
-    assert torch.equal(resident.view_params, streamed.view_params)
+    assert all(torch.equal(resident.pool.params(v), streamed.pool.params(v)) for v in range(3))
     assert_same_batches(collect(resident), collect(streamed))
     assert_same_batches(collect(resident.view_batches(2, 16)), collect(streamed.view_batches(2, 16)))
     assert_same_batches(collect(memory.val.batches(16, "cpu")), collect(stream.val.batches(16, "cpu")))
@@ -141,24 +141,27 @@ def teachers() -> TeacherEnsemble:
 
 def test_disk_cache_replays_each_views_teacher_logits(folder_task, tmp_path):
     ensemble, (memory, stream) = teachers(), both_paths(folder_task, workers=1)
-    checkpoints = [tmp_path / "r.bin", tmp_path / "m.bin"]  # any files: the key hashes their bytes
-    for i, path in enumerate(checkpoints):
-        path.write_bytes(bytes([i]))
+    identities = ["r", "m"]  # any strings: the key hashes them
     streamed = stream.train.batches(8, "cpu", shuffle=True, augment=AUGMENT, views=2)
-    paths = cache_paths(checkpoints, streamed, CPU, tmp_path / "cache")
+    cache = TeacherLogitCache(list(ensemble.models), identities, streamed, CPU, tmp_path / "cache")
+    paths = cache.paths(0) + cache.paths(1)
     assert paths[0].suffix == ".npy"
-    cache = load_or_build_cache(list(ensemble.models), paths, streamed, CPU)
-    assert isinstance(cache, DiskLogitCache) and all(p.is_file() for p in paths)
-    assert np.load(paths[0], mmap_mode="r").shape == (2, 30, 3)
-    for batch in streamed:
-        assert torch.allclose(cache(batch).float(), ensemble(batch.x), rtol=2e-3, atol=2e-3)
+    cache.fill(range(2))
+    assert isinstance(cache.store, DiskViews) and all(p.is_file() for p in paths)
+    assert np.load(paths[0], mmap_mode="r").shape == (30, 3)
+    for epoch in range(2):
+        streamed.set_epoch(epoch)
+        for batch in streamed:
+            assert torch.allclose(cache(batch).float(), ensemble(batch.x), rtol=2e-3, atol=2e-3)
 
     time.sleep(0.01)
     stream.train.paths[0].touch()  # the folder changed after the cache was built: a later run gets another key
     later = dataclasses.replace(stream.train).batches(8, "cpu", shuffle=True, augment=AUGMENT, views=2)
-    assert set(cache_paths(checkpoints, later, CPU, tmp_path / "cache")).isdisjoint(paths)
+    assert set(TeacherLogitCache(list(ensemble.models), identities, later, CPU, tmp_path / "cache").paths(0)
+               ).isdisjoint(paths)
     resident = memory.train.batches(8, "cpu", shuffle=True, augment=AUGMENT, views=2)
-    assert cache_paths(checkpoints, resident, CPU, tmp_path / "cache")[0].suffix == ".safetensors"
+    assert TeacherLogitCache(list(ensemble.models), identities, resident, CPU, tmp_path / "cache").paths(0)[0].suffix \
+        == ".safetensors"
 
 
 def stream_settings(config: Path, tmp_path: Path, **changes) -> TrainSettings:

@@ -136,7 +136,7 @@ def test_training_writes_a_complete_run_folder(trained_run, tmp_path):
     log = (run_dir / "train.log").read_text()
     assert "teacher resnet" in log and f"test acc {teacher_meta['test_acc']:.4f}" in log
     assert "teacher-logit cache: 2 teachers x 2 views" in log
-    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2 * 2  # a file per teacher and view
 
 
 def test_a_repeated_run_name_gets_a_new_folder(tmp_path):
