@@ -6,8 +6,8 @@ Then measures, with 0, 1 and 2 DataLoader worker processes (--workers):
 
   (a) the streaming data path alone (read, decode, resize, crop and flip, batch);
   (b) a labels-only student step fed by it;
-  (c) a KD step fed by it, replaying teacher logits from the on-disk cache (a memory-mapped .npy of
-      --views views; its values are random: only the cost of reading them matters here);
+  (c) a KD step fed by it, replaying teacher logits from the on-disk cache (one memory-mapped .npy per view,
+      --views views; their values are random: only the cost of reading them matters here);
 
 and (b), (c) fed from decoded images held in memory, the speed the streaming path should reach.
 Each figure is images/s over --batches batches after 2 warm-up batches (worker start-up excluded).
@@ -28,7 +28,7 @@ import torch
 import yaml
 from PIL import Image, ImageDraw
 
-from kd.cache import DiskLogitCache
+from kd.cache import DiskViews
 from kd.config import load_task_config
 from kd.data import Split, load_task_data
 from kd.engine import Precision, train_one_epoch
@@ -121,11 +121,17 @@ def student_step(task, student_model: str, teachers=None):
     return lambda batch: train_one_epoch(student, [batch], optimizer, criterion, precision, teachers, progress=False)
 
 
-def random_cache(path: Path, views: int, images: int) -> DiskLogitCache:
-    array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(views, images, CLASSES))
-    array[:] = np.random.default_rng(0).normal(size=array.shape).astype(np.float16)
-    array.flush()
-    return DiskLogitCache([np.load(path, mmap_mode="r")] * 2)  # two teachers' worth of reads
+def random_cache(folder: Path, views: int, images: int) -> DiskViews:
+    """Random float16 logits, one (N, C) file per view, read as two teachers' worth."""
+    store = DiskViews(teachers=2)
+    for view in range(views):
+        path = folder / f"logits_{view}.npy"
+        array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(images, CLASSES))
+        array[:] = np.random.default_rng(view).normal(size=array.shape).astype(np.float16)
+        array.flush()
+        del array
+        store.load(view, [path, path])
+    return store
 
 
 def main(args) -> None:
@@ -135,9 +141,9 @@ def main(args) -> None:
     print(f"{args.images} JPEG files at {args.size} px in {root} ({time.perf_counter() - started:.0f}s to write "
           f"or find), batch {args.batch_size}, student {args.student_model}, CPU, {torch.get_num_threads()} threads")
     task = load_task_config(str(write_config(root, args.size)))
-    cache = random_cache(root / "logits.npy", args.views, int(args.images * 0.8))
+    cache = random_cache(root, args.views, int(args.images * 0.8))
     options = dict(shuffle=True, augment=task.augment, seed=0, drop_last=True)
-    steps = {"labels": student_step(task, args.student_model), "kd": student_step(task, args.student_model, cache)}
+    steps = {"labels": student_step(task, args.student_model), "kd": student_step(task, args.student_model, cache.rows)}
     print(f"  {'workers':>8} {'(a) data alone':>15} {'(b) labels-only step':>21} {'(c) cached KD step':>19}")
     for workers in args.workers:
         train = load_task_data(task, storage="stream", num_workers=workers).train

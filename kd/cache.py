@@ -28,7 +28,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
@@ -116,8 +116,7 @@ class TeacherLogitCache:
         self.built: list[int] = []
 
     def paths(self, view: int) -> list[Path]:
-        suffix = ".npy" if on_disk(self.batches) else ".safetensors"
-        return [self.cache_dir / f"{cache_key(t, self.batches, view, self.precision.name)}{suffix}"
+        return [self.cache_dir / f"{cache_key(t, self.batches, view, self.precision.name)}{self.store.suffix}"
                 for t in self.identities]
 
     def set_epoch(self, epoch: int) -> None:
@@ -142,24 +141,20 @@ class TeacherLogitCache:
         started, paths = time.perf_counter(), self.paths(view)
         missing = [i for i, path in enumerate(paths) if not path.is_file()]
         for i in missing:
-            atomic_write(paths[i], lambda tmp, t=self.teachers[i]: self._write(t, view, Path(tmp)))
+            logits = view_logits(self.teachers[i], self.batches, self.precision, view)
+            atomic_write(paths[i], lambda tmp: self.store.write(logits, len(self.batches.split), Path(tmp)))
         self.store.load(view, paths)
         if missing:
             self.built.append(view)
             log.info("teacher-logit cache: view %d of %d computed for %d of %d teachers in %.1fs (%s)", view + 1,
                      len(self.batches.pool), len(missing), len(paths), time.perf_counter() - started, self.cache_dir)
 
-    def _write(self, teacher: nn.Module, view: int, path: Path) -> None:
-        if on_disk(self.batches):
-            write_view_logits(teacher, self.batches, self.precision, view, path)
-        else:
-            logits = torch.cat([logits for _, logits in view_logits(teacher, self.batches, self.precision, view)])
-            save_file({"logits": logits.cpu()}, str(path))
-
 
 class MemoryViews:
     """The cached views in one (K, V, N, C) float16 tensor on the training device. A view not yet
     loaded is NaN, so a batch of it could never pass for real targets."""
+
+    suffix = ".safetensors"
 
     def __init__(self, teachers: int, views: int, images: int, device: torch.device):
         self.logits: torch.Tensor | None = None
@@ -167,6 +162,11 @@ class MemoryViews:
 
     def __contains__(self, view: int) -> bool:
         return view in self.loaded
+
+    @staticmethod
+    def write(logits: Iterator[tuple[torch.Tensor, torch.Tensor]], images: int, path: Path) -> None:
+        """One teacher's (N, C) logits of a view, from `view_logits`' batches in order, as a safetensors file."""
+        save_file({"logits": torch.cat([batch for _, batch in logits]).cpu()}, str(path))
 
     def load(self, view: int, paths: list[Path]) -> None:
         stacked = torch.stack([load_file(str(path), device=str(self.device))["logits"] for path in paths])
@@ -187,11 +187,24 @@ class MemoryViews:
 class DiskViews:
     """The cached views of a streamed split: per view, one memory-mapped (N, C) float16 array per teacher."""
 
+    suffix = ".npy"
+
     def __init__(self, teachers: int):
         self.teachers, self.arrays = teachers, {}
 
     def __contains__(self, view: int) -> bool:
         return view in self.arrays
+
+    @staticmethod
+    def write(logits: Iterator[tuple[torch.Tensor, torch.Tensor]], images: int, path: Path) -> None:
+        """One teacher's (N, C) logits of a view written to a .npy file one batch at a time (never held whole)."""
+        array = None
+        for index, batch in logits:
+            if array is None:
+                array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(images, batch.shape[1]))
+            array[index.cpu().numpy()] = batch.cpu().numpy()
+        array.flush()
+        del array  # closes the map before the file is renamed
 
     def load(self, view: int, paths: list[Path]) -> None:
         self.arrays[view] = [np.load(path, mmap_mode="r") for path in paths]
@@ -209,19 +222,6 @@ class DiskViews:
     @property
     def nbytes(self) -> int:
         return sum(array.nbytes for arrays in self.arrays.values() for array in arrays)
-
-
-def write_view_logits(teacher: nn.Module, batches, precision: Precision, view: int, path: Path) -> None:
-    """The teacher's float16 logits for pooled view `view` of every image, written to a (N, C) .npy
-    file at `path` one batch at a time (never held whole)."""
-    array = None
-    for index, logits in view_logits(teacher, batches, precision, view):
-        if array is None:
-            shape = (len(batches.split), logits.shape[1])
-            array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=shape)
-        array[index.cpu().numpy()] = logits.cpu().numpy()
-    array.flush()
-    del array  # closes the map before the file is renamed
 
 
 @torch.inference_mode()

@@ -433,13 +433,12 @@ class ViewPool:
         return self._last[1]
 
     def params_at(self, view: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """(B, 3) parameters of pooled view view[i] of image index[i], on index's device."""
+        """(B, 3) parameters of pooled view view[i] of image index[i] (CPU tensors in and out)."""
         out = torch.empty((len(index), 3), dtype=torch.long)
-        view, cpu_index = view.cpu(), index.cpu()
         for v in view.unique().tolist():
             rows = view == v
-            out[rows] = self.params(v)[cpu_index[rows]]
-        return out.to(index.device)
+            out[rows] = self.params(v)[index[rows]]
+        return out
 
     def fingerprint(self, view: int) -> str:
         """A hash of view `view`'s exact parameters (every crop offset and flip, not only their seed)."""
@@ -554,25 +553,24 @@ class Batches(PlannedBatches):
 
     def __iter__(self) -> Iterator[Batch]:
         for idx, params, view in self.plan:
-            idx = idx.to(self.device)
-            if view is not None:
-                yield self.batch(idx, view.to(self.device))
-            else:
-                yield self._make_batch(idx, None if params is None else params.to(self.device), None)
+            yield self.batch(idx, view) if view is not None else self._make_batch(idx, params, None)
 
     def view_batches(self, view: int, batch_size: int) -> Iterator[Batch]:
         """Every image of the split in order, as pooled view `view`: what a teacher-logit cache is built from."""
         n = len(self.split)
         for start in range(0, n, batch_size):
-            idx = torch.arange(start, min(start + batch_size, n), device=self.device)
+            idx = torch.arange(start, min(start + batch_size, n))
             yield self.batch(idx, torch.full_like(idx, view))
 
     def batch(self, idx: torch.Tensor, view: torch.Tensor | None = None) -> Batch:
         """The images at `idx`: pooled view `view` of each, or un-augmented without views."""
+        idx, view = idx.cpu(), None if view is None else view.cpu()  # the pool's parameters live on the CPU
         params = self.pool.params_at(view, idx) if self.augment is not None and view is not None else None
         return self._make_batch(idx, params, view)
 
     def _make_batch(self, idx: torch.Tensor, params: torch.Tensor | None, view: torch.Tensor | None) -> Batch:
+        """The batch of CPU indices `idx`, augmented with CPU `params`, moved to the device."""
+        idx, params, view = (t if t is None else t.to(self.device) for t in (idx, params, view))
         x = self.split.images[idx]
         if params is not None:
             x = apply_augment(x, self.augment, params)

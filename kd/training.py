@@ -417,12 +417,11 @@ def _teacher_source(settings: TrainSettings, task: TaskConfig, data: TaskData, e
         return batches(None), online_teachers(ensemble)
     if settings.teacher_cache != "off":
         pooled = batches(settings.teacher_cache_views or settings.num_epochs)
-        if _use_cache(settings, pooled, len(task.teachers), task.num_classes):
+        size = cache_bytes(len(task.teachers), pooled.num_views, len(pooled.split), task.num_classes)
+        if _use_cache(settings, pooled, size):
             if note := repeated_views_note(settings.num_epochs, pooled):
                 log.info(note)  # not a warning: a tuner's trials and every DDP process would repeat it
             identities = [teacher_identity(task.teacher_checkpoint(t), teacher_build(t, task)) for t in task.teachers]
-            size = cache_bytes(len(identities), min(settings.num_epochs, pooled.num_views), len(pooled.split),
-                               task.num_classes)
             log.info("teacher-logit cache: %d teachers x %d views x %d images, %.1f MB %s; each view computed the "
                      "first epoch that trains on it, then kept (%s)", len(identities), pooled.num_views,
                      len(pooled.split), size / 1e6, "on disk" if on_disk(pooled) else "in memory", settings.cache_dir)
@@ -431,11 +430,9 @@ def _teacher_source(settings: TrainSettings, task: TaskConfig, data: TaskData, e
     return batches(None), online_teachers(ensemble)
 
 
-def _use_cache(settings: TrainSettings, pooled, num_teachers: int, num_classes: int) -> bool:
-    """Whether the run's views of all teachers' logits fit: in BUDGET_BYTES of memory, or on disk for
-    streamed data (`on` insists on the latter, and on memory beyond the budget)."""
-    views = min(settings.num_epochs, pooled.num_views)
-    size = cache_bytes(num_teachers, views, len(pooled.split), num_classes)
+def _use_cache(settings: TrainSettings, pooled, size: int) -> bool:
+    """Whether the pool's views of all teachers' logits (`size` bytes) fit: in BUDGET_BYTES of memory, or
+    on disk for streamed data (`on` insists on the latter, and on memory beyond the budget)."""
     if on_disk(pooled):
         too_large = _disk_shortage(settings, size)
         if too_large and settings.teacher_cache == "on":
