@@ -49,7 +49,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> None:
     from kd.settings import TrainSettings
-    from kd.tuning import DEFAULT_SPACE, TunePlan, load_search_space, run_tuning
+    from kd.experiments.tuning import DEFAULT_SPACE, TunePlan, load_search_space, run_tuning
 
     parser = get_args_parser()
     options = vars(parser.parse_args(argv))

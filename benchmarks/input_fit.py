@@ -27,7 +27,7 @@ from kd.data import Batches, Split, load_task_data
 from kd.engine import fit, seed_everything, select_precision, train_one_epoch
 from kd.losses import KDLoss
 from kd.models import create_model
-from kd.students import STUDENT_ARCHS
+from kd.settings import STUDENT_ARCHS
 
 DEFAULT_OPTIONS = {"A": ["16:1", "16:2", "24:1", "32:1", "32:0"], "B": ["28:0", "28:1", "28:2"]}
 

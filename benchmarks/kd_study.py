@@ -21,8 +21,8 @@ from kd.cli import (ArgumentParser, bounded_float, canonical_student, fraction, 
                     positive_int)
 from kd.errors import run_cli
 from kd.runs import setup_logging
-from kd.students import STUDENT_ARCHS
-from kd.study import (ARMS, BUDGET_FLAGS, DEFAULT_SEEDS, StudyPlan, budget_settings, parse_overrides,
+from kd.settings import STUDENT_ARCHS
+from kd.experiments.study import (ARMS, BUDGET_FLAGS, DEFAULT_SEEDS, StudyPlan, budget_settings, parse_overrides,
                       run_study)
 from kd.settings import TrainSettings
 

@@ -39,10 +39,11 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from kd.batches import Batch
 from kd.checkpoint import atomic_write
-from kd.data import Batch, FileSplit
 from kd.distributed import World, main_process_first
 from kd.engine import Precision
+from kd.streaming import FileSplit
 
 log = logging.getLogger("kd")
 BUDGET_BYTES = 2 * 1024 ** 3  # "auto" caches in memory when all teachers' logits fit in this

@@ -6,7 +6,7 @@ import copy
 
 from kd.config import MAX_STRIDE_REDUCTION, STORAGES
 from kd.errors import UserError
-from kd.settings import LR_SCHEDULES, OPTIMIZERS, TrainSettings
+from kd.settings import LR_SCHEDULES, OPTIMIZERS, TrainSettings, canonical_student_name
 
 DEFAULTS = TrainSettings()
 
@@ -77,8 +77,6 @@ def halvings(text: str) -> int:
 
 
 def canonical_student(text: str) -> str:
-    from kd.students import canonical_student_name  # lazily: timm is slow to import, --help should not wait
-
     try:
         return canonical_student_name(text)
     except UserError as err:

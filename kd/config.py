@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 
 from kd.errors import UserError
+from kd.settings import STUDENT_ARCHS
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 TASK_CONFIGS = {"A": CONFIG_DIR / "task_a.yaml", "B": CONFIG_DIR / "task_b.yaml"}
@@ -220,8 +221,6 @@ def _folder_classes(task: TaskConfig, where: str) -> tuple[str, ...]:
 
 
 def _check(task: TaskConfig, where: str) -> None:
-    from kd.students import STUDENT_ARCHS  # here: kd.students builds on this module
-
     unknown = sorted(set(task.student_stride_reduction) - set(STUDENT_ARCHS))
     if unknown:
         raise UserError(f"{where}: student_stride_reduction names unknown student(s) {', '.join(unknown)}; "

@@ -1,10 +1,10 @@
-"""Data sources, fixed splits, the batch plan, and a device-resident batch iterator with batched augmentation.
+"""Data sources, fixed splits, and a device-resident batch iterator with batched augmentation.
 
 The built-in datasets, and image folders that fit the memory budget, are loaded into memory: each
 split is one uint8 tensor (N, C, H, W) (`Split`). Batches are sliced, augmented and scaled to [0, 1]
 on the training device; each model normalises its own input (see kd.models.Normalized). A larger
-image folder is kept as a list of files (`FileSplit`), whose batches kd.streaming decodes; both kinds
-take their batches from the same `BatchPlan`.
+image folder is kept as a list of files (kd.streaming.FileSplit), decoded batch by batch; both kinds
+take their batches from the same plan (kd.batches.BatchPlan).
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import gzip
 import hashlib
 import os
 from collections.abc import Iterator
-from typing import NamedTuple
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -23,8 +22,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from kd.batches import Batch, PlannedBatches
 from kd.config import STORAGES, AugmentSpec, TaskConfig, list_class_folders
 from kd.errors import UserError
+from kd.images import IMAGE_SUFFIXES, list_images, read_image
+from kd.streaming import FileSplit
 
 REPO_DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -32,7 +34,6 @@ FASHION_FILES = {
     "train_images": "train-images-idx3-ubyte", "train_labels": "train-labels-idx1-ubyte",
     "test_images": "t10k-images-idx3-ubyte", "test_labels": "t10k-labels-idx1-ubyte",
 }
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
 @dataclass(frozen=True)
@@ -69,43 +70,6 @@ class Split:
     def batches(self, batch_size: int, device, **options) -> "Batches":
         """This split's batches on `device` (see `Batches` for the options)."""
         return Batches(self, batch_size, device, **options)
-
-
-@dataclass(frozen=True)
-class FileSplit:
-    """A split read from its image files batch by batch, never held whole (data.storage stream)."""
-
-    paths: tuple[Path, ...]
-    labels: torch.Tensor  # int64 (N,)
-    channels: int
-    size: int  # every image is resized to size x size
-    num_workers: int  # DataLoader worker processes that decode the files
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    @property
-    def image_shape(self) -> tuple[int, ...]:
-        return self.channels, self.size, self.size
-
-    def image(self, i: int) -> torch.Tensor:
-        return torch.from_numpy(read_image(self.paths[i], self.channels, self.size))
-
-    @cached_property
-    def fingerprint(self) -> str:
-        """A hash of every file's path, size and modification time, and its label: a folder changed since
-        a cache was built (or a run started) has another fingerprint, without reading every image."""
-        digest = hashlib.sha256()
-        for path, label in zip(self.paths, self.labels.tolist()):
-            stat = path.stat()
-            digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\0{label}\n".encode())
-        return digest.hexdigest()
-
-    def batches(self, batch_size: int, device, **options):
-        """This split's batches on `device`, decoded by worker processes (kd.streaming.StreamBatches)."""
-        from kd.streaming import StreamBatches  # here: kd.streaming builds on this module
-
-        return StreamBatches(self, batch_size, device, **options)
 
 
 @dataclass(frozen=True)
@@ -231,28 +195,6 @@ def _decoded(images: np.ndarray, labels: np.ndarray, task: TaskConfig) -> tuple[
     return np.stack(decoded), labels
 
 
-def list_images(folder: Path) -> list[Path]:
-    """The image files below `folder` (recursively, by suffix, skipping hidden files and folders such as
-    .ipynb_checkpoints), sorted so the order is the same everywhere."""
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
-
-
-def read_image(path: Path, channels: int, size: int) -> np.ndarray:
-    """One image file as uint8 (channels, size, size): converted to grayscale (1) or RGB (3) and
-    resized to size x size (bilinear, the aspect ratio is not kept); an unreadable file is a UserError."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            image = image.convert("L" if channels == 1 else "RGB")
-            image = image.resize((size, size), Image.Resampling.BILINEAR)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:  # what PIL raises on bad files
-        raise UserError(f"cannot read image {path}: {err}") from None
-    array = np.asarray(image, dtype=np.uint8)
-    return np.ascontiguousarray(array[None] if channels == 1 else array.transpose(2, 0, 1))  # writable, for torch
-
-
 def _load_digits():
     from sklearn.datasets import load_digits
 
@@ -358,15 +300,6 @@ def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
     return resized.round().clamp(0, 255).to(torch.uint8)
 
 
-def sample_augment_params(n: int, spec: AugmentSpec, generator: torch.Generator, device) -> torch.Tensor:
-    """Per-image augmentation parameters (n, 3): crop offsets dy, dx in [0, 2 * padding] and a flip flag."""
-    high = 2 * spec.crop_padding + 1
-    dy = torch.randint(0, high, (n,), generator=generator, device=device)
-    dx = torch.randint(0, high, (n,), generator=generator, device=device)
-    flip = (torch.rand(n, generator=generator, device=device) < 0.5) & spec.hflip
-    return torch.stack([dy, dx, flip.long()], dim=1)
-
-
 def apply_augment(x: torch.Tensor, spec: AugmentSpec, params: torch.Tensor) -> torch.Tensor:
     """Random crop with zero padding and optional horizontal flip, batched on x's device."""
     n, c, h, w = x.shape
@@ -381,167 +314,6 @@ def apply_augment(x: torch.Tensor, spec: AugmentSpec, params: torch.Tensor) -> t
     if spec.hflip:
         x = torch.where(params[:, 2, None, None, None].bool(), x.flip(-1), x)
     return x
-
-
-class Batch(NamedTuple):
-    x: torch.Tensor  # float images in [0, 1], (B, C, H, W)
-    y: torch.Tensor  # labels (B,)
-    index: torch.Tensor  # positions of the images in the split (B,)
-    view: torch.Tensor | None  # which pooled view of each image (B,), when a view pool is used
-
-
-def _generator(*seeds: int) -> torch.Generator:
-    """A CPU generator seeded from several integers (seed, epoch, stream...), the same on every run.
-
-    Always on the CPU: CUDA's generator (Philox) draws other numbers than the CPU's (mt19937) for the
-    same seed, and a run's shuffling, crops and cached view pool must not depend on its device.
-    """
-    combined = 0
-    for value in seeds:
-        combined = (combined * 1_000_003 + value) % (2 ** 63)
-    g = torch.Generator()
-    g.manual_seed(combined)
-    return g
-
-
-def active_augment(augment: AugmentSpec | None) -> AugmentSpec | None:
-    """The spec when it changes images, else None (no work per batch)."""
-    return augment if augment and (augment.crop_padding or augment.hflip) else None
-
-
-class ViewPool:
-    """A pool of `size` augmented views per image. View v of every image is drawn on the CPU from its own
-    generator (pool_seed, v), so a view is the same whatever the pool's size, the run's seed or its
-    device, and is made only when first asked for. Without augmentation the pool is one view: the image."""
-
-    def __init__(self, n: int, augment: AugmentSpec | None, size: int, pool_seed: int):
-        self.n, self.augment, self.pool_seed = n, augment, pool_seed
-        self.size = size if augment is not None else 1
-        self._last: tuple[int, torch.Tensor] | None = None
-
-    def __len__(self) -> int:
-        return self.size
-
-    def params(self, view: int) -> torch.Tensor:
-        """(N, 3) augmentation parameters of view `view` of every image (zeros without augmentation)."""
-        if not 0 <= view < self.size:
-            raise IndexError(f"view {view} of a pool of {self.size}")
-        if self._last is None or self._last[0] != view:  # an epoch asks for one view batch after batch
-            params = torch.zeros((self.n, 3), dtype=torch.long) if self.augment is None else \
-                sample_augment_params(self.n, self.augment, _generator(self.pool_seed, view), "cpu")
-            self._last = (view, params)
-        return self._last[1]
-
-    def params_at(self, view: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """(B, 3) parameters of pooled view view[i] of image index[i] (CPU tensors in and out)."""
-        out = torch.empty((len(index), 3), dtype=torch.long)
-        for v in view.unique().tolist():
-            rows = view == v
-            out[rows] = self.params(v)[index[rows]]
-        return out
-
-    def fingerprint(self, view: int) -> str:
-        """A hash of view `view`'s exact parameters (every crop offset and flip, not only their seed)."""
-        return hashlib.sha256(self.params(view).numpy().tobytes()).hexdigest()
-
-
-class BatchPlan:
-    """Which images, with which augmentation, make up each of this process's batches, epoch by epoch.
-
-    The one source of order for both data paths (the resident `Batches` and kd.streaming's
-    `StreamBatches`), so they give the same batches for the same seed. Shuffling and augmentation
-    draw from CPU generators seeded by (seed, epoch): an epoch's batches are reproducible and
-    independent of what ran before, which makes a resumed run exact. With `num_views` V, epoch e trains
-    every image on pooled view e mod V instead of drawing new parameters: a run of at most V epochs sees
-    a distinct view of each image every epoch, as online augmentation would. Yields (index, params,
-    view) CPU tensors; params (B, 3) for fresh augmentation, view (B,) for a pooled one, else None.
-    """
-
-    def __init__(self, n: int, batch_size: int, *, shuffle: bool = False, augment: AugmentSpec | None = None,
-                 seed: int = 0, num_views: int | None = None, rank: int = 0, world_size: int = 1,
-                 drop_last: bool = False):
-        self.n, self.batch_size, self.shuffle, self.augment = n, batch_size, shuffle, augment
-        self.seed, self.num_views, self.drop_last = seed, num_views, drop_last
-        self.rank, self.world_size = rank, world_size
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self._batch_starts(self.n + (-self.n) % self.world_size))
-
-    def _batch_starts(self, n: int) -> range:
-        """Where each global batch starts in an order of n images; a split smaller than one global
-        batch is a single (short) batch even with drop_last."""
-        step = self.batch_size * self.world_size
-        stop = n - n % step if self.drop_last and n >= step else n
-        return range(0, stop, step)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]:
-        n = self.n
-        order = torch.randperm(n, generator=_generator(self.seed, self.epoch, 0)) if self.shuffle else torch.arange(n)
-        aug_gen = _generator(self.seed, self.epoch, 1)
-        for global_batch in self._global_batches(order):
-            mine = self._share(len(global_batch))
-            idx = global_batch[mine]
-            if self.num_views is not None:
-                yield idx, None, torch.full_like(idx, self.epoch % self.num_views)
-            elif self.augment is not None:
-                # drawn for the whole global batch, so each process augments its images differently
-                # and the processes together augment exactly as one process would
-                yield idx, sample_augment_params(len(global_batch), self.augment, aug_gen, "cpu")[mine], None
-            else:
-                yield idx, None, None
-
-    def _global_batches(self, order: torch.Tensor) -> Iterator[torch.Tensor]:
-        """Each global batch (batch_size x world_size images) of `order`.
-
-        With several processes the order is padded by wrapping around to a multiple of the world
-        size (as DistributedSampler does), so every process takes the same number of equal steps
-        and the processes' parts of a global batch together are the single-process batch.
-        """
-        if self.world_size > 1:
-            order = torch.cat([order, order[:(-len(order)) % self.world_size]])
-        step = self.batch_size * self.world_size
-        for start in self._batch_starts(len(order)):
-            yield order[start:start + step]
-
-    def _share(self, global_size: int) -> slice:
-        """This process's part of a global batch of `global_size` images."""
-        share = global_size // self.world_size
-        return slice(self.rank * share, (self.rank + 1) * share)
-
-
-class PlannedBatches:
-    """What both data paths share: a split, its augmentation, the pool of views and the BatchPlan.
-
-    With `views=V`, augmentation comes from a `ViewPool` of V views per image drawn from `pool_seed`;
-    epoch e trains on view e mod V. A pooled view can be replayed exactly, so its teacher logits can be
-    computed once and cached (kd.cache). With `drop_last` (training) an
-    incomplete last batch is left out, as timm's loader does: BatchNorm cannot train on a batch of one
-    image at a 1x1 map, and with shuffling every image is still seen over the epochs.
-    """
-
-    def __init__(self, split, batch_size: int, device, *, shuffle: bool = False,
-                 augment: AugmentSpec | None = None, seed: int = 0, views: int | None = None,
-                 pool_seed: int = 0, rank: int = 0, world_size: int = 1, drop_last: bool = False):
-        self.split = split
-        self.device = torch.device(device)
-        self.augment = active_augment(augment)
-        self.pool = ViewPool(len(split), self.augment, views, pool_seed) if views else None
-        self.plan = BatchPlan(len(split), batch_size, shuffle=shuffle, augment=self.augment, seed=seed,
-                              num_views=self.num_views, rank=rank, world_size=world_size, drop_last=drop_last)
-
-    @property
-    def num_views(self) -> int | None:
-        return None if self.pool is None else len(self.pool)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.plan.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return len(self.plan)
 
 
 class Batches(PlannedBatches):

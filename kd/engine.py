@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from kd.data import Batch
+from kd.batches import Batch
 from kd.distributed import reduce_sum
 from kd.errors import UserError
 from kd.losses import KDLoss

@@ -24,7 +24,7 @@ from kd import plots
 from kd.checkpoint import check_classes, load_state_into, load_weights
 from kd.cli import ArgumentParser
 from kd.config import TASK_CONFIGS, TaskConfig, load_task_config, parse_task_config
-from kd.data import FileSplit, Split, TaskData, load_task_data
+from kd.data import Split, TaskData, load_task_data
 from kd.engine import Precision, collect_logits, select_device
 from kd.errors import UserError, run_cli
 from kd.losses import compute_teacher_weights, teacher_target
@@ -32,6 +32,7 @@ from kd.models import count_parameters
 from kd.report import format_task_result, write_json
 from kd.runs import read_metrics, setup_logging
 from kd.speed import Speed, SpeedSettings, measure_speed, sequential_speed
+from kd.streaming import FileSplit
 from kd.students import build_student, with_stride_reduction
 from kd.teachers import load_teacher
 

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from kd.checkpoint import atomic_write
 from kd.cli import ArgumentParser, positive_int
 from kd.config import TaskConfig
-from kd.data import IMAGE_SUFFIXES, list_images, read_image
+from kd.images import IMAGE_SUFFIXES, list_images, read_image
 from kd.errors import UserError, run_cli
 from kd.evaluation import open_run_student
 

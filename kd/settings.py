@@ -7,8 +7,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kd.errors import UserError
+
 OPTIMIZERS = ("adam", "adamw")
 LR_SCHEDULES = ("step", "cosine")
+# The students (--student_model): the deployment-sized member of each family, by its timm name; see the
+# README for the measured trade-offs.
+STUDENT_ARCHS = {
+    "MobileNetV3": "mobilenetv3_small_100",
+    "EfficientNet": "efficientnet_b0",
+    "ResNet18": "resnet18",
+}
+
+
+def canonical_student_name(name: str) -> str:
+    """Map a case-insensitive student name to its canonical spelling."""
+    for canonical in STUDENT_ARCHS:
+        if canonical.lower() == name.lower():
+            return canonical
+    raise UserError(f"unknown student {name!r}; choose one of {', '.join(STUDENT_ARCHS)}")
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """The streaming data path: image files decoded batch by batch by DataLoader worker processes.
 
-For image folders too large to hold decoded (kd.data.choose_storage). The batches are those of the
+For image folders too large to hold decoded (kd.data.choose_storage): a `FileSplit`. The batches are those of the
 resident path: the same `BatchPlan` decides each batch's images and augmentation parameters in the
 main process, from (seed, epoch), so shuffling, crops and flips do not depend on the workers, a
 resumed run is exact, and under torchrun each process reads only its share of every global batch.
@@ -10,23 +10,63 @@ pinned memory on CUDA and are copied without blocking.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import functional as TF
 
+from kd.batches import Batch, BatchPlan, PlannedBatches, ViewPool
 from kd.config import AugmentSpec
-from kd.data import Batch, BatchPlan, FileSplit, PlannedBatches, ViewPool, read_image
 from kd.errors import UserError
+from kd.images import read_image
 
 log = logging.getLogger("kd")
 Item = tuple[int, tuple[int, int, int] | None, int | None]  # (image index, augmentation params, pooled view)
 
 
+@dataclass(frozen=True)
+class FileSplit:
+    """A split read from its image files batch by batch, never held whole (data.storage stream)."""
+
+    paths: tuple[Path, ...]
+    labels: torch.Tensor  # int64 (N,)
+    channels: int
+    size: int  # every image is resized to size x size
+    num_workers: int  # DataLoader worker processes that decode the files
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        return self.channels, self.size, self.size
+
+    def image(self, i: int) -> torch.Tensor:
+        return torch.from_numpy(read_image(self.paths[i], self.channels, self.size))
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """A hash of every file's path, size and modification time, and its label: a folder changed since
+        a cache was built (or a run started) has another fingerprint, without reading every image."""
+        digest = hashlib.sha256()
+        for path, label in zip(self.paths, self.labels.tolist()):
+            stat = path.stat()
+            digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\0{label}\n".encode())
+        return digest.hexdigest()
+
+    def batches(self, batch_size: int, device, **options):
+        """This split's batches on `device`, decoded by worker processes (`StreamBatches`)."""
+        return StreamBatches(self, batch_size, device, **options)
+
+
 class ImageFiles(Dataset):
-    """Decodes one image per item: read and resized like the resident path (kd.data.read_image), then
+    """Decodes one image per item: read and resized like the resident path (kd.images.read_image), then
     cropped and flipped with the given parameters. An unreadable file gives None, reported by `collate`."""
 
     def __init__(self, split: FileSplit, augment: AugmentSpec | None):

@@ -5,23 +5,8 @@ from __future__ import annotations
 import dataclasses
 
 from kd.config import TaskConfig
-from kd.errors import UserError
 from kd.models import Normalized, create_model, default_stride_reduction
-
-# The deployment-sized member of each family; see the README for the measured trade-offs.
-STUDENT_ARCHS = {
-    "MobileNetV3": "mobilenetv3_small_100",
-    "EfficientNet": "efficientnet_b0",
-    "ResNet18": "resnet18",
-}
-
-
-def canonical_student_name(name: str) -> str:
-    """Map a case-insensitive student name to its canonical spelling."""
-    for canonical in STUDENT_ARCHS:
-        if canonical.lower() == name.lower():
-            return canonical
-    raise UserError(f"unknown student {name!r}; choose one of {', '.join(STUDENT_ARCHS)}")
+from kd.settings import STUDENT_ARCHS, canonical_student_name
 
 
 def with_stride_reduction(task: TaskConfig, name: str, halvings: int | None) -> TaskConfig:

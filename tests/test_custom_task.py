@@ -19,7 +19,8 @@ from safetensors.torch import load_file, save_file
 
 from kd.checkpoint import load_weights, save_weights
 from kd.config import load_task_config
-from kd.data import Split, TaskData, load_task_data, read_image
+from kd.data import Split, TaskData, load_task_data
+from kd.images import read_image
 from kd.distributed import World
 from kd.engine import Precision
 from kd.errors import UserError

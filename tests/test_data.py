@@ -7,7 +7,8 @@ import torch
 
 import kd.data
 from kd.config import AugmentSpec, load_task_config, parse_task_config
-from kd.data import Batches, Split, _read_idx, apply_augment, load_task_data, sample_augment_params
+from kd.batches import sample_augment_params
+from kd.data import Batches, Split, _read_idx, apply_augment, load_task_data
 from kd.errors import UserError
 from tests.conftest import tiny_task_raw
 

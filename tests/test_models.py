@@ -8,7 +8,8 @@ from kd.config import load_task_config
 from kd.data import Batches, load_task_data
 from kd.errors import UserError
 from kd.models import create_model, halve_first_downsampling
-from kd.students import STUDENT_ARCHS, build_student, canonical_student_name
+from kd.settings import STUDENT_ARCHS, canonical_student_name
+from kd.students import build_student
 from kd.teachers import build_teacher
 
 

@@ -16,7 +16,8 @@ import yaml
 import kd.data
 from kd.cache import DiskViews, TeacherLogitCache
 from kd.config import AugmentSpec, load_task_config
-from kd.data import FileSplit, Split, load_task_data
+from kd.data import Split, load_task_data
+from kd.streaming import FileSplit
 from kd.engine import Precision
 from kd.errors import UserError
 from kd.evaluation import evaluate_task, open_run_student

@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-import kd.study
+from kd.experiments import study
 from kd.checkpoint import load_weights, save_weights
-from kd.study import (StudyPlan, budget_settings, check_plan, finished_runs, or_dash, parse_overrides,
+from kd.experiments.study import (StudyPlan, budget_settings, check_plan, finished_runs, or_dash, parse_overrides,
                       remove_interrupted_runs, summarize, teachers_key, verdict)
 from kd.config import load_task_config
 from kd.data import load_task_data
@@ -62,7 +62,7 @@ def test_verdict_rule():
 
 def test_rows_of_another_budget_or_alpha_are_not_reused_but_alpha0_serves_any_teachers_setting():
     base = TrainSettings(task="x", num_epochs=3, alpha=0.5, device="cpu")
-    budget = json.loads(json.dumps(kd.study.budget_of(base)))
+    budget = json.loads(json.dumps(study.budget_of(base)))
     other = {**budget, "num_epochs": 4}
     older = {k: v for k, v in budget.items() if k != "compile"}  # a row written before a field existed
     rows = [row("S", "uniform", 1, 0.9, budget=budget), row("S", "uniform", 2, 0.9, budget=other),
@@ -80,7 +80,7 @@ def test_kd_rows_count_only_beside_their_teachers(tmp_path, tiny_teachers):
     task = load_task_config(str(write_task(tmp_path, tiny_teachers)))
     key = teachers_key(task)
     base = TrainSettings(task="x", alpha=0.5, device="cpu")
-    budget = json.loads(json.dumps(kd.study.budget_of(base)))
+    budget = json.loads(json.dumps(study.budget_of(base)))
     rows = [row("S", "alpha0", 1, 0.8, budget=budget), row("S", "uniform", 1, 0.9, budget=budget, teachers=key)]
     assert set(finished_runs(rows, "T", base, key)) == {("S", "alpha0", 1), ("S", "uniform", 1)}
 
@@ -191,7 +191,7 @@ def test_study_records_summarises_and_resumes(tmp_path, tiny_teachers, capsys, m
         raise AssertionError(f"trained again: {settings.run}")
 
     folders = sorted(p.name for p in (out / "runs").iterdir())
-    monkeypatch.setattr(kd.study, "train_student", must_not_train)
+    monkeypatch.setattr(study, "train_student", must_not_train)
     script.main(argv)
     assert "0 to train" in capsys.readouterr().out
     assert sorted(p.name for p in (out / "runs").iterdir()) == folders

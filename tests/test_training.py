@@ -12,7 +12,8 @@ import yaml
 
 from kd.checkpoint import load_torch_checkpoint, load_weights
 from kd.config import load_task_config
-from kd.data import Batch, Batches, Split, load_task_data
+from kd.batches import Batch
+from kd.data import Batches, Split, load_task_data
 from kd.engine import (Mixup, Precision, evaluate, fit, online_teachers, select_device, select_precision,
                        train_one_epoch)
 from kd.errors import UserError

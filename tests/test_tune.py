@@ -13,13 +13,13 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-import kd.tuning
+from kd.experiments import tuning
 import train
 import tune
 from kd.errors import Terminated, UserError, run_cli
 from kd.settings import TrainSettings
 from kd.training import read_run_settings
-from kd.tuning import DEFAULT_SPACE, Choices, FloatRange, Fixed, load_search_space, retry_of, train_command
+from kd.experiments.tuning import DEFAULT_SPACE, Choices, FloatRange, Fixed, load_search_space, retry_of, train_command
 from tests.conftest import ROOT, signal_when, write_task
 
 STUDY = "TaskT_MobileNetV3"  # the default study name of the tiny task and this student
@@ -216,17 +216,17 @@ def assert_retried(study: optuna.Study) -> None:
 def test_ctrl_c_or_sigterm_queues_the_running_trial_again(tmp_path, monkeypatch):
     config, out = write_task(tmp_path), tmp_path / "out"
     argv = tune_args(config, out, "--trials", "3", "--alpha", "0", "--num_epochs", "1")
-    train = kd.tuning.train_student
+    train = tuning.train_student
 
     def interrupted_in_trial_1(settings, hooks):
         if settings.run == "trial1":
             raise Terminated()  # what SIGTERM raises (a KeyboardInterrupt, as Ctrl-C)
         return train(settings, hooks=hooks)
 
-    monkeypatch.setattr(kd.tuning, "train_student", interrupted_in_trial_1)
+    monkeypatch.setattr(tuning, "train_student", interrupted_in_trial_1)
     with pytest.raises(Terminated):
         tune.main(argv)
-    monkeypatch.setattr(kd.tuning, "train_student", train)
+    monkeypatch.setattr(tuning, "train_student", train)
     tune.main(argv)
     assert_retried(optuna.load_study(study_name=STUDY, storage=sqlite(out)))
 
@@ -268,11 +268,11 @@ def test_bad_input_stops_with_one_line_and_loses_nothing(tmp_path, capsys, extra
 
 
 def test_a_study_started_before_a_setting_existed_continues_with_it_at_its_default(tmp_path):
-    plan = kd.tuning.TunePlan(TrainSettings(task="A", num_epochs=2), dict(DEFAULT_SPACE), trials=1)
+    plan = tuning.TunePlan(TrainSettings(task="A", num_epochs=2), dict(DEFAULT_SPACE), trials=1)
     url = f"sqlite:///{tmp_path / 'study.db'}"
-    study = kd.tuning.open_study(url, STUDY, plan)
+    study = tuning.open_study(url, STUDY, plan)
     study.set_user_attr("budget", {k: v for k, v in study.user_attrs["budget"].items() if k != "mixup"})
-    kd.tuning.open_study(url, STUDY, plan)  # no "started with other settings"
+    tuning.open_study(url, STUDY, plan)  # no "started with other settings"
     with pytest.raises(UserError, match="budget mixup: 0.0 then, 0.4 now"):
-        kd.tuning.open_study(url, STUDY, dataclasses.replace(plan, settings=TrainSettings(task="A", num_epochs=2,
+        tuning.open_study(url, STUDY, dataclasses.replace(plan, settings=TrainSettings(task="A", num_epochs=2,
                                                                                            mixup=0.4)))

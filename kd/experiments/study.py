@@ -38,9 +38,8 @@ from kd.errors import UserError
 from kd.plots import STYLE, label_ticks_apart
 from kd.report import write_json
 from kd.runs import run_name
-from kd.students import STUDENT_ARCHS, canonical_student_name
 from kd.teachers import load_teacher, teacher_accuracies
-from kd.settings import TrainSettings
+from kd.settings import STUDENT_ARCHS, TrainSettings, canonical_student_name
 from kd.training import EVAL_BATCH_SIZE, load_data, train_student
 
 

@@ -44,9 +44,8 @@ from kd.errors import UserError
 from kd.evaluation import open_run_student
 from kd.losses import WEIGHTING_SCHEMES
 from kd.runs import run_name
-from kd.settings import TrainSettings
-from kd.study import or_dash, run_metadata, sample_sd, verdict
-from kd.students import canonical_student_name
+from kd.settings import TrainSettings, canonical_student_name
+from kd.experiments.study import or_dash, run_metadata, sample_sd, verdict
 from kd.training import EVAL_BATCH_SIZE, RunHooks, load_data, prepare_teachers, read_run_settings, train_student
 
 log = logging.getLogger("kd")

@@ -1,0 +1,186 @@
+"""The batch plan: which images, in which order and with which augmentation, make up each batch.
+
+Shared by both data paths, the resident one (kd.data.Batches) and the streamed one
+(kd.streaming.StreamBatches), so they give the same batches for the same seed; the pool of
+augmented views (`ViewPool`) is what the teacher-logit cache (kd.cache) stores logits for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import torch
+
+from kd.config import AugmentSpec
+
+
+def sample_augment_params(n: int, spec: AugmentSpec, generator: torch.Generator, device) -> torch.Tensor:
+    """Per-image augmentation parameters (n, 3): crop offsets dy, dx in [0, 2 * padding] and a flip flag."""
+    high = 2 * spec.crop_padding + 1
+    dy = torch.randint(0, high, (n,), generator=generator, device=device)
+    dx = torch.randint(0, high, (n,), generator=generator, device=device)
+    flip = (torch.rand(n, generator=generator, device=device) < 0.5) & spec.hflip
+    return torch.stack([dy, dx, flip.long()], dim=1)
+
+
+class Batch(NamedTuple):
+    x: torch.Tensor  # float images in [0, 1], (B, C, H, W)
+    y: torch.Tensor  # labels (B,)
+    index: torch.Tensor  # positions of the images in the split (B,)
+    view: torch.Tensor | None  # which pooled view of each image (B,), when a view pool is used
+
+
+def _generator(*seeds: int) -> torch.Generator:
+    """A CPU generator seeded from several integers (seed, epoch, stream...), the same on every run.
+
+    Always on the CPU: CUDA's generator (Philox) draws other numbers than the CPU's (mt19937) for the
+    same seed, and a run's shuffling, crops and cached view pool must not depend on its device.
+    """
+    combined = 0
+    for value in seeds:
+        combined = (combined * 1_000_003 + value) % (2 ** 63)
+    g = torch.Generator()
+    g.manual_seed(combined)
+    return g
+
+
+def active_augment(augment: AugmentSpec | None) -> AugmentSpec | None:
+    """The spec when it changes images, else None (no work per batch)."""
+    return augment if augment and (augment.crop_padding or augment.hflip) else None
+
+
+class ViewPool:
+    """A pool of `size` augmented views per image. View v of every image is drawn on the CPU from its own
+    generator (pool_seed, v), so a view is the same whatever the pool's size, the run's seed or its
+    device, and is made only when first asked for. Without augmentation the pool is one view: the image."""
+
+    def __init__(self, n: int, augment: AugmentSpec | None, size: int, pool_seed: int):
+        self.n, self.augment, self.pool_seed = n, augment, pool_seed
+        self.size = size if augment is not None else 1
+        self._last: tuple[int, torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        return self.size
+
+    def params(self, view: int) -> torch.Tensor:
+        """(N, 3) augmentation parameters of view `view` of every image (zeros without augmentation)."""
+        if not 0 <= view < self.size:
+            raise IndexError(f"view {view} of a pool of {self.size}")
+        if self._last is None or self._last[0] != view:  # an epoch asks for one view batch after batch
+            params = torch.zeros((self.n, 3), dtype=torch.long) if self.augment is None else \
+                sample_augment_params(self.n, self.augment, _generator(self.pool_seed, view), "cpu")
+            self._last = (view, params)
+        return self._last[1]
+
+    def params_at(self, view: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """(B, 3) parameters of pooled view view[i] of image index[i] (CPU tensors in and out)."""
+        out = torch.empty((len(index), 3), dtype=torch.long)
+        for v in view.unique().tolist():
+            rows = view == v
+            out[rows] = self.params(v)[index[rows]]
+        return out
+
+    def fingerprint(self, view: int) -> str:
+        """A hash of view `view`'s exact parameters (every crop offset and flip, not only their seed)."""
+        return hashlib.sha256(self.params(view).numpy().tobytes()).hexdigest()
+
+
+class BatchPlan:
+    """Which images, with which augmentation, make up each of this process's batches, epoch by epoch.
+
+    The one source of order for both data paths (the resident `Batches` and kd.streaming's
+    `StreamBatches`), so they give the same batches for the same seed. Shuffling and augmentation
+    draw from CPU generators seeded by (seed, epoch): an epoch's batches are reproducible and
+    independent of what ran before, which makes a resumed run exact. With `num_views` V, epoch e trains
+    every image on pooled view e mod V instead of drawing new parameters: a run of at most V epochs sees
+    a distinct view of each image every epoch, as online augmentation would. Yields (index, params,
+    view) CPU tensors; params (B, 3) for fresh augmentation, view (B,) for a pooled one, else None.
+    """
+
+    def __init__(self, n: int, batch_size: int, *, shuffle: bool = False, augment: AugmentSpec | None = None,
+                 seed: int = 0, num_views: int | None = None, rank: int = 0, world_size: int = 1,
+                 drop_last: bool = False):
+        self.n, self.batch_size, self.shuffle, self.augment = n, batch_size, shuffle, augment
+        self.seed, self.num_views, self.drop_last = seed, num_views, drop_last
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self._batch_starts(self.n + (-self.n) % self.world_size))
+
+    def _batch_starts(self, n: int) -> range:
+        """Where each global batch starts in an order of n images; a split smaller than one global
+        batch is a single (short) batch even with drop_last."""
+        step = self.batch_size * self.world_size
+        stop = n - n % step if self.drop_last and n >= step else n
+        return range(0, stop, step)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]:
+        n = self.n
+        order = torch.randperm(n, generator=_generator(self.seed, self.epoch, 0)) if self.shuffle else torch.arange(n)
+        aug_gen = _generator(self.seed, self.epoch, 1)
+        for global_batch in self._global_batches(order):
+            mine = self._share(len(global_batch))
+            idx = global_batch[mine]
+            if self.num_views is not None:
+                yield idx, None, torch.full_like(idx, self.epoch % self.num_views)
+            elif self.augment is not None:
+                # drawn for the whole global batch, so each process augments its images differently
+                # and the processes together augment exactly as one process would
+                yield idx, sample_augment_params(len(global_batch), self.augment, aug_gen, "cpu")[mine], None
+            else:
+                yield idx, None, None
+
+    def _global_batches(self, order: torch.Tensor) -> Iterator[torch.Tensor]:
+        """Each global batch (batch_size x world_size images) of `order`.
+
+        With several processes the order is padded by wrapping around to a multiple of the world
+        size (as DistributedSampler does), so every process takes the same number of equal steps
+        and the processes' parts of a global batch together are the single-process batch.
+        """
+        if self.world_size > 1:
+            order = torch.cat([order, order[:(-len(order)) % self.world_size]])
+        step = self.batch_size * self.world_size
+        for start in self._batch_starts(len(order)):
+            yield order[start:start + step]
+
+    def _share(self, global_size: int) -> slice:
+        """This process's part of a global batch of `global_size` images."""
+        share = global_size // self.world_size
+        return slice(self.rank * share, (self.rank + 1) * share)
+
+
+class PlannedBatches:
+    """What both data paths share: a split, its augmentation, the pool of views and the BatchPlan.
+
+    With `views=V`, augmentation comes from a `ViewPool` of V views per image drawn from `pool_seed`;
+    epoch e trains on view e mod V. A pooled view can be replayed exactly, so its teacher logits can be
+    computed once and cached (kd.cache). With `drop_last` (training) an
+    incomplete last batch is left out, as timm's loader does: BatchNorm cannot train on a batch of one
+    image at a 1x1 map, and with shuffling every image is still seen over the epochs.
+    """
+
+    def __init__(self, split, batch_size: int, device, *, shuffle: bool = False,
+                 augment: AugmentSpec | None = None, seed: int = 0, views: int | None = None,
+                 pool_seed: int = 0, rank: int = 0, world_size: int = 1, drop_last: bool = False):
+        self.split = split
+        self.device = torch.device(device)
+        self.augment = active_augment(augment)
+        self.pool = ViewPool(len(split), self.augment, views, pool_seed) if views else None
+        self.plan = BatchPlan(len(split), batch_size, shuffle=shuffle, augment=self.augment, seed=seed,
+                              num_views=self.num_views, rank=rank, world_size=world_size, drop_last=drop_last)
+
+    @property
+    def num_views(self) -> int | None:
+        return None if self.pool is None else len(self.pool)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.plan.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.plan)
