@@ -1,3 +1,4 @@
+import math
 
 import pytest
 import torch
@@ -33,12 +34,47 @@ def test_alpha_one_is_pure_kd_term(batch):
     assert torch.allclose(loss, reference_kd(student, p_t, 3.0), atol=1e-6)
 
 
-def test_mixture_is_linear_in_alpha(batch):
-    student, teachers, targets = batch
-    ce = multi_teacher_kd_loss(student, teachers, targets, temperature=2.0, alpha=0.0)
-    kd = multi_teacher_kd_loss(student, teachers, targets, temperature=2.0, alpha=1.0)
-    mixed = multi_teacher_kd_loss(student, teachers, targets, temperature=2.0, alpha=0.3)
-    assert torch.allclose(mixed, 0.7 * ce + 0.3 * kd, atol=1e-6)
+# Two images, three classes, two teachers: small enough to follow the contract by hand.
+STUDENT = [[1.0, 0.0, -1.0], [0.5, 2.0, 0.0]]
+TEACHERS = [[[2.0, 1.0, 0.0], [0.0, 0.0, 3.0]],  # teacher 0, per image
+            [[0.0, 1.5, 1.0], [1.0, -1.0, 2.0]]]  # teacher 1
+INDEX_LABELS = [0, 1]
+BLENDED_LABELS = [[0.3, 0.7, 0.0], [0.0, 0.4, 0.6]]  # as mixup gives them
+LABELS = {"index": ([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], torch.tensor(INDEX_LABELS)),
+          "blended": (BLENDED_LABELS, torch.tensor(BLENDED_LABELS))}  # (for the reference, for the loss)
+WEIGHTS = {"per teacher": [3.0, 1.0], "per image": [[3.0, 1.0], [1.0, 4.0]]}  # unnormalised, as callers give them
+
+
+def softmax(logits: list[float], temperature: float = 1.0) -> list[float]:
+    exps = [math.exp(z / temperature) for z in logits]
+    return [e / sum(exps) for e in exps]
+
+
+def contract_loss(labels: list[list[float]], weights: list, temperature: float, alpha: float) -> float:
+    """The loss contract in plain Python over STUDENT and TEACHERS, independent of kd.losses:
+    (1 - alpha) CE(z_s, y) + alpha T^2 KL(p_T || softmax(z_s / T)), averaged over the batch, with
+    p_T = sum_k w_k softmax(z_k / T) and labels as class probabilities (one-hot for index labels)."""
+    total = 0.0
+    for b, (z_s, y) in enumerate(zip(STUDENT, labels)):
+        w = [row[b] if isinstance(row, list) else row for row in weights]
+        w = [w_k / sum(w) for w_k in w]
+        teacher_probs = [softmax(z_k[b], temperature) for z_k in TEACHERS]
+        p_t = [sum(w_k * p_k[c] for w_k, p_k in zip(w, teacher_probs)) for c in range(len(z_s))]
+        q = softmax(z_s, temperature)
+        kl = sum(p * (math.log(p) - math.log(q_c)) for p, q_c in zip(p_t, q))
+        ce = -sum(y_c * math.log(p_c) for y_c, p_c in zip(y, softmax(z_s)))
+        total += (1 - alpha) * ce + alpha * temperature ** 2 * kl
+    return total / len(STUDENT)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("labels", LABELS)
+@pytest.mark.parametrize("weights", WEIGHTS)
+def test_loss_is_the_contract_written_out(alpha, labels, weights):
+    reference_labels, targets = LABELS[labels]
+    loss = multi_teacher_kd_loss(torch.tensor(STUDENT), torch.tensor(TEACHERS), targets, temperature=2.0,
+                                 alpha=alpha, weights=torch.tensor(WEIGHTS[weights]))
+    assert loss.item() == pytest.approx(contract_loss(reference_labels, WEIGHTS[weights], 2.0, alpha), rel=1e-5)
 
 
 def test_temperature_squared_scaling(batch):
@@ -103,13 +139,19 @@ def test_kd_loss_zero_when_student_matches_teacher():
     assert loss.abs().item() < 1e-5
 
 
-def test_module_reports_parts(batch):
-    student, teachers, targets = batch
-    parts, weights = KDLoss(2.0, 0.25)(student, targets, teachers)
-    assert torch.allclose(parts.total, 0.75 * parts.ce + 0.25 * parts.kd, atol=1e-6)
-    assert torch.allclose(weights, torch.full((3,), 1 / 3))
-    parts, weights = KDLoss(2.0, 0.0)(student, targets, None)
+@pytest.mark.parametrize("labels", LABELS)
+def test_module_reports_the_contracts_total_and_parts(labels):
+    """ce is the hard-label term and kd the T^2-scaled soft term, each as the contract defines it."""
+    reference_labels, targets = LABELS[labels]
+    student, teachers = torch.tensor(STUDENT), torch.tensor(TEACHERS)
+    parts, weights = KDLoss(2.0, 0.3, "fixed", fixed_weights=[3.0, 1.0])(student, targets, teachers)
+    expected = {name: contract_loss(reference_labels, [3.0, 1.0], 2.0, alpha)
+                for name, alpha in (("total", 0.3), ("ce", 0.0), ("kd", 1.0))}
+    assert {name: getattr(parts, name).item() for name in expected} == pytest.approx(expected, rel=1e-5)
+    assert weights.tolist() == pytest.approx([0.75, 0.25])
+    parts, weights = KDLoss(2.0, 0.0)(student, targets, None)  # no teachers: the hard-label loss alone
     assert weights is None and parts.kd.item() == 0.0
+    assert parts.total.item() == pytest.approx(expected["ce"], rel=1e-5)
 
 
 def test_entropy_weighting_prefers_confident_teacher():

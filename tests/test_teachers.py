@@ -2,12 +2,16 @@ import pickle
 
 import pytest
 import torch
+import yaml
 
-from kd.checkpoint import atomic_torch_save, load_weights, save_weights
+import kd.training
+from kd.checkpoint import atomic_torch_save, load_torch_checkpoint, load_weights, save_weights
+from kd.config import load_task_config
 from kd.errors import UserError
-from kd.losses import KDLoss
 from kd.students import build_student
 from kd.teachers import TeacherEnsemble, build_teacher, load_teacher
+from kd.training import RunHooks, TrainSettings, ensure_teachers, train_student
+from tests.conftest import write_task
 
 
 def test_teacher_checkpoint_round_trips(tiny_task):
@@ -66,22 +70,54 @@ def test_torch_checkpoint_of_this_project_loads(tmp_path, tiny_task):
     assert meta == {"arch": "resnet10t"} and set(state) == set(model.state_dict())
 
 
-def test_teachers_get_no_gradient_and_stay_in_eval(tiny_task):
+def assert_same_state(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Every parameter and buffer of `module` (BatchNorm's running statistics included) equals `state`'s."""
+    now = module.state_dict()
+    assert now.keys() == state.keys()
+    assert [name for name in state if not torch.equal(now[name], state[name])] == []
+
+
+def test_teachers_stay_in_eval_when_a_module_holding_them_is_put_in_train_mode(tiny_task):
     torch.manual_seed(0)
     ensemble = TeacherEnsemble({t.name: build_teacher(t, tiny_task) for t in tiny_task.teachers})
-    student = build_student("MobileNetV3", tiny_task)
-    wrapper = torch.nn.ModuleDict({"student": student, "teachers": ensemble})
-    wrapper.train()
+    before = {name: value.clone() for name, value in ensemble.state_dict().items()}
+    torch.nn.ModuleDict({"student": build_student("MobileNetV3", tiny_task), "teachers": ensemble}).train()
     assert all(not m.training for m in ensemble.models)
-    before = [p.clone() for p in ensemble.parameters()]
-    optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
-    x, y = torch.rand(4, 1, 8, 8), torch.tensor([0, 1, 2, 0])
-    teacher_logits = ensemble(x)
+    teacher_logits = ensemble(torch.rand(4, 1, 8, 8))
     assert teacher_logits.shape == (2, 4, 3) and not teacher_logits.requires_grad
-    parts, _ = KDLoss(2.0, 0.5)(student(x), y, teacher_logits)
-    parts.total.backward()
-    optimizer.step()
-    assert all(p.grad is None and not p.requires_grad for p in ensemble.parameters())
-    assert all(torch.equal(a, b) for a, b in zip(before, ensemble.parameters()))
-    ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    assert not ids & {id(p) for p in ensemble.parameters()}
+    assert_same_state(ensemble, before)  # a teacher in train mode would have moved its BatchNorm statistics
+
+
+def test_a_kd_run_leaves_its_teachers_as_their_checkpoints_hold_them(tmp_path, monkeypatch):
+    """Through train_student's own path (teachers loaded from their checkpoints, run on every batch, the
+    optimiser the run builds), every teacher parameter and buffer ends the run as its checkpoint holds it:
+    a teacher run in train mode would move its BatchNorm statistics, a trained one its weights. The
+    optimiser holds the student's parameters alone: teachers' there would be trained once they had gradients."""
+    task_file = write_task(tmp_path)
+    raw = yaml.safe_load(task_file.read_text())
+    raw["data"].update(test_size=0.9, val_size=0.5)  # 89 training images: a few steps show what a run does
+    task_file.write_text(yaml.safe_dump(raw))
+    task = load_task_config(str(task_file))
+    torch.manual_seed(0)
+    for spec in task.teachers:  # untrained teachers do: the run needs checkpoints to load, not good teachers
+        save_weights(build_teacher(spec, task), task.teacher_checkpoint(spec),
+                     {"arch": spec.arch, "classes": list(task.classes)})
+    loaded = []
+
+    def keep_the_ensemble(*args, **kwargs):
+        loaded.append(ensure_teachers(*args, **kwargs))
+        return loaded[-1]
+
+    monkeypatch.setattr(kd.training, "ensure_teachers", keep_the_ensemble)
+    settings = TrainSettings(task=str(task_file), num_epochs=1, batch_size=16, alpha=0.5, student_model="mobilenetv3",
+                             teacher_cache="off",  # online: the teachers run inside the training loop
+                             device="cpu", output_dir=str(tmp_path / "runs"))
+    run_dir = train_student(settings, hooks=RunHooks(score_test=False))
+    (ensemble,) = loaded
+    for spec, teacher in zip(task.teachers, ensemble.models):
+        assert_same_state(teacher, load_weights(task.teacher_checkpoint(spec))[0])
+    assert not any(p.requires_grad for p in ensemble.parameters())
+    optimiser = load_torch_checkpoint(run_dir / "checkpoint_last.pt")["optimizer"]
+    optimised = sum(len(group["params"]) for group in optimiser["param_groups"])
+    student_parameters = len(list(build_student("MobileNetV3", task).parameters()))
+    assert optimised == student_parameters
