@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from kd.cli import ArgumentParser
-from kd.report import build_summary, format_summary, run_streaming, write_json
+from kd.report import build_summary, format_evaluation_summary, run_streaming, write_json
 
 TASK_SCRIPTS = {"A": "evaluation_taska.py", "B": "evaluation_taskb.py"}
 
@@ -39,7 +39,7 @@ def main(args: argparse.Namespace) -> int:
     summary = build_summary({task: evaluate_in_subprocess(task, args) for task in TASK_SCRIPTS})
     path = Path(args.output_dir) / "summary.json"
     write_json(summary, path)
-    print(f"\n{format_summary(summary)}\nwrote {path}")
+    print(f"\n{format_evaluation_summary(summary)}\nwrote {path}")
     return 0 if summary["ok"] else 1
 
 

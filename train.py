@@ -6,7 +6,7 @@ import sys
 
 from kd.cli import ArgumentParser, add_training_arguments, given_options
 from kd.errors import run_cli
-from kd.settings import TrainSettings
+from kd.settings import TrainSettings, unused_teacher_weights
 
 DEFAULTS = TrainSettings()
 
@@ -34,12 +34,17 @@ def given_flags(argv: list[str]) -> set[str]:
 def main(argv: list[str]) -> None:
     from kd.training import TrainSettings, train_student, train_teachers
 
-    options = vars(get_args_parser().parse_args(argv))
+    parser = get_args_parser()
+    options = vars(parser.parse_args(argv))
     options["task"] = options.pop("config") or options["task"]
-    if options.pop("teachers_only"):
-        run_dir = train_teachers(TrainSettings(**options))
+    teachers_only = options.pop("teachers_only")
+    settings = TrainSettings(**options)
+    if problem := unused_teacher_weights(settings):
+        parser.error(problem)
+    if teachers_only:
+        run_dir = train_teachers(settings)
     else:
-        run_dir = train_student(TrainSettings(**options), given=given_flags(argv))
+        run_dir = train_student(settings, given=given_flags(argv))
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one line from the whole job
         print(run_dir)
 

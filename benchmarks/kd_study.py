@@ -8,7 +8,7 @@ train.py run (kd.training.train_student); teachers that are missing are trained 
     python benchmarks/kd_study.py --task B --students MobileNetV3 --arms alpha0 uniform --seeds 1 2 3 4 5
     python benchmarks/kd_study.py --task A --num_epochs 30 --set teacher_epochs=5 amp=false
 
-Writes to --output (default evaluation/study/Task<name>/): runs.csv (a row per finished run, appended as
+Writes to --output_dir (default evaluation/study/Task<name>/): runs.csv (a row per finished run, appended as
 it ends), runs/ (the run folders), teachers.json, summary.md and study.png. Run the same command again
 to continue a stopped study: runs already in runs.csv at the same budget are not trained again.
 """
@@ -17,45 +17,25 @@ from __future__ import annotations
 
 import argparse
 
-from kd.cli import (ArgumentParser, bounded_float, canonical_student, fraction, positive_float,
-                    positive_int)
+from kd.cli import ArgumentParser, add_output_dir, add_training_arguments, canonical_student
 from kd.errors import run_cli
+from kd.experiments.study import ARMS, BUDGET_FLAGS, DEFAULT_SEEDS, StudyPlan, budget_settings, parse_overrides, run_study
 from kd.runs import setup_logging
 from kd.settings import STUDENT_ARCHS
-from kd.experiments.study import (ARMS, BUDGET_FLAGS, DEFAULT_SEEDS, StudyPlan, budget_settings, parse_overrides,
-                      run_study)
-from kd.settings import TrainSettings
-
-DEFAULTS = TrainSettings()  # train.py's defaults, spelled once
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--task", default=DEFAULTS.task, choices=["A", "B"], type=str.upper,
-                   help="A: handwritten digits, B: Fashion-MNIST")
-    p.add_argument("--config", default=None, metavar="YAML", help="a task config file; overrides --task")
     p.add_argument("--students", nargs="+", type=canonical_student, default=list(STUDENT_ARCHS), metavar="NAME",
                    help="students to train (case-insensitive)")
     p.add_argument("--seeds", nargs="+", type=int, default=list(DEFAULT_SEEDS), help="one run per seed and arm")
     p.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS), metavar="ARM",
                    help="arms to train")
-    p.add_argument("--num_epochs", type=positive_int, default=DEFAULTS.num_epochs, help="epochs of every run")
-    p.add_argument("--lr", type=positive_float, default=DEFAULTS.lr, help="learning rate")
-    p.add_argument("--batch_size", type=positive_int, default=DEFAULTS.batch_size, help="training batch size")
-    p.add_argument("--temperature", type=positive_float, default=DEFAULTS.temperature,
-                   help="T of the KD term and of the teacher ensemble measured on the test split")
-    p.add_argument("--alpha", type=fraction, default=DEFAULTS.alpha, help="weight of the teacher term in the KD arms")
-    p.add_argument("--weight_decay", type=bounded_float(0.0), default=DEFAULTS.weight_decay, help="weight decay")
-    p.add_argument("--scheduler_step", type=positive_int, default=DEFAULTS.scheduler_step,
-                   help="StepLR: epochs between lr decays")
-    p.add_argument("--scheduler_gamma", type=fraction, default=DEFAULTS.scheduler_gamma,
-                   help="StepLR: lr factor per decay")
-    p.add_argument("--device", default=DEFAULTS.device, choices=["auto", "cpu", "cuda", "mps"],
-                   help="auto picks CUDA, then MPS, then CPU")
+    add_training_arguments(p, BUDGET_FLAGS)  # train.py's flags, as train.py defines them
     p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="any other training setting (a TrainSettings field, e.g. teacher_epochs=5 amp=false "
                         "data_dir=data/TaskB), the same for every run")
-    p.add_argument("--output", default=None, help="study folder (None: evaluation/study/Task<name>)")
+    add_output_dir(p, "study folder (None: evaluation/study/Task<name>)")
     return p
 
 
@@ -66,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
         setup_logging()
         settings = budget_settings({key: getattr(args, key) for key in BUDGET_FLAGS}, parse_overrides(args.overrides))
         plan = StudyPlan(task=args.config or args.task, students=tuple(args.students), seeds=tuple(args.seeds),
-                         arms=tuple(args.arms), settings=settings, output=args.output)
+                         arms=tuple(args.arms), settings=settings, output_dir=args.output_dir)
         print(run_study(plan))
 
     run_cli(study)

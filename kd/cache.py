@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import nullcontext
@@ -43,7 +44,11 @@ from kd.batches import Batch
 from kd.checkpoint import atomic_write
 from kd.distributed import World, main_process_first
 from kd.engine import Precision
+from kd.errors import UserError
+from kd.config import TaskConfig
+from kd.models import ModelBuild
 from kd.streaming import FileSplit
+from kd.teachers import TeacherEnsemble, teacher_build
 
 log = logging.getLogger("kd")
 BUDGET_BYTES = 2 * 1024 ** 3  # "auto" caches in memory when all teachers' logits fit in this
@@ -65,10 +70,10 @@ def on_disk(batches) -> bool:
     return isinstance(batches.split, FileSplit)
 
 
-def teacher_identity(checkpoint: Path, build: dict) -> str:
+def teacher_identity(checkpoint: Path, build: ModelBuild) -> str:
     """A teacher as far as its logits go: its checkpoint's hash and how it is built and fed (`build`:
     architecture, halvings, normalisation, input size, channels: what the weights file does not say)."""
-    parts = {"checkpoint": file_sha256(checkpoint), "build": build}
+    parts = {"checkpoint": file_sha256(checkpoint), "build": build.to_dict()}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
@@ -91,6 +96,46 @@ def repeated_views_note(num_epochs: int, batches) -> str | None:
             f"each view comes back about {num_epochs / batches.num_views:.0f} times; that costs accuracy against "
             f"online teachers (README, \"The teacher-logit cache\"): the default --teacher_cache_views (the run's "
             "epochs) or --teacher_cache off avoids it")
+
+
+def open_teacher_cache(mode: str, pooled, task: TaskConfig, ensemble: TeacherEnsemble, precision: Precision,
+                       cache_dir: Path, world: World | None = None,
+                       num_epochs: int | None = None) -> "TeacherLogitCache | None":
+    """The teacher-logit cache of the pooled batches, or None where the policy says the teachers run
+    online. `mode` auto: when all teachers' logits of the pool's views fit BUDGET_BYTES of memory, or on
+    disk for streamed data (DISK_BUDGET_BYTES and the free space of `cache_dir`); on: always, except a
+    disk cache with no room, which is a UserError."""
+    size = cache_bytes(len(task.teachers), pooled.num_views, len(pooled.split), task.num_classes)
+    too_large = _shortage(mode, pooled, size, cache_dir)
+    if too_large:
+        log.info("teacher-logit cache off: %s", too_large)
+        return None
+    if num_epochs is not None and (note := repeated_views_note(num_epochs, pooled)):
+        log.info(note)  # not a warning: a tuner's trials and every DDP process would repeat it
+    identities = [teacher_identity(task.teacher_checkpoint(t), teacher_build(t, task)) for t in task.teachers]
+    log.info("teacher-logit cache: %d teachers x %d views x %d images, %.1f MB %s; each view computed the first "
+             "epoch that trains on it, then kept (%s)", len(identities), pooled.num_views, len(pooled.split),
+             size / 1e6, "on disk" if on_disk(pooled) else "in memory", cache_dir)
+    return TeacherLogitCache(list(ensemble.models), identities, pooled, precision, Path(cache_dir), world)
+
+
+def _shortage(mode: str, pooled, size: int, cache_dir: Path) -> str | None:
+    """Why the cache is not used (None: it is); a disk cache that `on` insists on and cannot be written
+    is a UserError."""
+    if not on_disk(pooled):
+        if mode == "on" or size <= BUDGET_BYTES:
+            return None
+        return f"{size / 1e9:.1f} GB exceeds the {BUDGET_BYTES / 1e9:.1f} GB budget"
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(cache_dir).free  # views already there count as space to write: an upper bound
+    if size <= DISK_BUDGET_BYTES and size <= free:
+        return None
+    shortage = (f"{size / 1e9:.1f} GB on disk ({free / 1e9:.1f} GB free in {cache_dir}, budget "
+                f"{DISK_BUDGET_BYTES / 1e9:.0f} GB)")
+    if mode == "on":
+        raise UserError(f"the teacher-logit cache would take {shortage}; use fewer --teacher_cache_views, "
+                        "another --cache_dir or --teacher_cache off")
+    return shortage
 
 
 def cache_bytes(num_teachers: int, views: int, num_images: int, num_classes: int) -> int:

@@ -3,12 +3,16 @@ the training flags of train.py and tune.py."""
 
 import argparse
 import copy
+import dataclasses
+import shlex
+from collections.abc import Collection
 
 from kd.config import MAX_STRIDE_REDUCTION, STORAGES
 from kd.errors import UserError
-from kd.settings import LR_SCHEDULES, OPTIMIZERS, TrainSettings, canonical_student_name
+from kd.settings import LR_SCHEDULES, OPTIMIZERS, WEIGHTING_SCHEMES, TrainSettings, canonical_student_name
 
 DEFAULTS = TrainSettings()
+TASKS = ("A", "B")  # the built-in tasks; any other is a config file
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -83,76 +87,88 @@ def canonical_student(text: str) -> str:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
-def add_training_arguments(p: argparse.ArgumentParser) -> None:
-    """The flags of a training run's settings (kd.settings.TrainSettings) that train.py and tune.py share;
-    train.py adds those that name one run (--run, --output_dir, --resume, --teachers_only)."""
-    from kd.losses import WEIGHTING_SCHEMES
+def add_training_arguments(p: argparse.ArgumentParser, names: Collection[str] | None = None) -> None:
+    """The flags of a training run's settings (kd.settings.TrainSettings), defined once for every script:
+    --task or --config, and the flags of `names` (default: all that train.py and tune.py share; train.py
+    adds those that name one run: --run, --output_dir, --resume, --teachers_only)."""
+    def add(flag: str, **options) -> None:
+        if names is None or flag[2:] in names:
+            p.add_argument(flag, **options)
 
     source = p.add_mutually_exclusive_group()  # one task source: two at once is an error
-    source.add_argument("--task", default=DEFAULTS.task, choices=["A", "B"], type=str.upper,
+    source.add_argument("--task", default=DEFAULTS.task, choices=TASKS, type=str.upper,
                         help="A: handwritten digits, B: Fashion-MNIST")
     source.add_argument("--config", default=None, metavar="YAML",
                         help="a task config file instead of --task (configs/task_template.yaml documents the format)")
-    p.add_argument("--lr", type=positive_float, default=DEFAULTS.lr, help="learning rate")
-    p.add_argument("--batch_size", type=positive_int, default=DEFAULTS.batch_size, help="training batch size")
-    p.add_argument("--num_epochs", type=positive_int, default=DEFAULTS.num_epochs, help="student training epochs")
-    p.add_argument("--weight_decay", type=bounded_float(0.0), default=DEFAULTS.weight_decay,
+    add("--lr", type=positive_float, default=DEFAULTS.lr, help="learning rate")
+    add("--batch_size", type=positive_int, default=DEFAULTS.batch_size, help="training batch size")
+    add("--num_epochs", type=positive_int, default=DEFAULTS.num_epochs, help="student training epochs")
+    add("--weight_decay", type=bounded_float(0.0), default=DEFAULTS.weight_decay,
                    help="Adam weight decay (L2 penalty added to the gradients)")
-    p.add_argument("--temperature", type=positive_float, default=DEFAULTS.temperature,
+    add("--temperature", type=positive_float, default=DEFAULTS.temperature,
                    help="softmax temperature T of the KD term")
-    p.add_argument("--alpha", type=unit_interval, default=DEFAULTS.alpha,
+    add("--alpha", type=unit_interval, default=DEFAULTS.alpha,
                    help="weight of the teacher term: 0 = hard labels only, 1 = teacher targets only")
-    p.add_argument("--scheduler_step", type=positive_int, default=DEFAULTS.scheduler_step,
+    add("--scheduler_step", type=positive_int, default=DEFAULTS.scheduler_step,
                    help="StepLR: epochs between lr decays")
-    p.add_argument("--scheduler_gamma", type=fraction, default=DEFAULTS.scheduler_gamma,
+    add("--scheduler_gamma", type=fraction, default=DEFAULTS.scheduler_gamma,
                    help="StepLR: lr factor per decay, in (0, 1]")
-    p.add_argument("--student_model", type=canonical_student, default=DEFAULTS.student_model,
+    add("--student_model", type=canonical_student, default=DEFAULTS.student_model,
                    help="MobileNetV3 | EfficientNet | ResNet18 (case-insensitive)")
-    p.add_argument("--seed", type=int, default=DEFAULTS.seed, help="random seed")
-    p.add_argument("--device", default=DEFAULTS.device, choices=["auto", "cpu", "cuda", "mps"],
+    add("--seed", type=int, default=DEFAULTS.seed, help="random seed")
+    add("--device", default=DEFAULTS.device, choices=["auto", "cpu", "cuda", "mps"],
                    help="auto picks CUDA, then MPS, then CPU")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=DEFAULTS.amp,
+    add("--amp", action=argparse.BooleanOptionalAction, default=DEFAULTS.amp,
                    help="mixed precision on CUDA (bf16 where supported, else fp16); ignored elsewhere")
-    p.add_argument("--data_dir", default=DEFAULTS.data_dir,
+    add("--data_dir", default=DEFAULTS.data_dir,
                    help="dataset folder (task B: the Fashion-MNIST IDX files, default data/TaskB; an image_folder "
                         "task: instead of its data.root)")
-    p.add_argument("--teacher_epochs", type=positive_int, default=DEFAULTS.teacher_epochs,
+    add("--teacher_epochs", type=positive_int, default=DEFAULTS.teacher_epochs,
                    help="epochs for teachers trained because their checkpoint is missing (default: their recipe)")
-    p.add_argument("--teacher_weighting", default=DEFAULTS.teacher_weighting, choices=WEIGHTING_SCHEMES,
+    add("--teacher_weighting", default=DEFAULTS.teacher_weighting, choices=WEIGHTING_SCHEMES,
                    help="how the teachers' soft targets are combined")
-    p.add_argument("--teacher_weights", type=bounded_float(0.0), nargs="+", default=DEFAULTS.teacher_weights,
+    add("--teacher_weights", type=bounded_float(0.0), nargs="+", default=DEFAULTS.teacher_weights,
                    metavar="W",
                    help="one weight per teacher for --teacher_weighting fixed (normalised; default: the config's)")
-    p.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=DEFAULTS.channels_last,
+    add("--channels_last", action=argparse.BooleanOptionalAction, default=DEFAULTS.channels_last,
                    help="channels-last memory format for the student and teachers (measured faster on CPU; "
                         "the usual choice for convnets on GPUs with AMP)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the student (slow start, faster steps)")
-    p.add_argument("--label_smoothing", type=unit_interval, default=DEFAULTS.label_smoothing,
+    add("--compile", action="store_true", help="torch.compile the student (slow start, faster steps)")
+    add("--label_smoothing", type=unit_interval, default=DEFAULTS.label_smoothing,
                    help="label smoothing of the hard-label cross-entropy (the teachers' recipes use 0.1)")
-    p.add_argument("--optimizer", default=DEFAULTS.optimizer, choices=OPTIMIZERS,
+    add("--optimizer", default=DEFAULTS.optimizer, choices=OPTIMIZERS,
                    help="adam: weight decay added to the gradients (L2); adamw: decoupled weight decay")
-    p.add_argument("--lr_schedule", default=DEFAULTS.lr_schedule, choices=LR_SCHEDULES,
+    add("--lr_schedule", default=DEFAULTS.lr_schedule, choices=LR_SCHEDULES,
                    help="step: StepLR with --scheduler_step/--scheduler_gamma; cosine: decay to 0 over --num_epochs")
-    p.add_argument("--teacher_cache", default=DEFAULTS.teacher_cache, choices=["auto", "on", "off"],
+    add("--teacher_cache", default=DEFAULTS.teacher_cache, choices=["auto", "on", "off"],
                    help="replay cached teacher logits instead of running the teachers every step (each view's "
                         "logits computed the first epoch that trains on it, kept for later runs); auto: when "
                         "they fit the memory budget (streamed data: the disk)")
-    p.add_argument("--teacher_cache_views", type=positive_int, default=DEFAULTS.teacher_cache_views,
+    add("--teacher_cache_views", type=positive_int, default=DEFAULTS.teacher_cache_views,
                    help="augmented views per training image in the cache's view pool; epoch e trains on view e "
                         "mod this (default: the run's epochs, so every epoch sees a view of its own)")
-    p.add_argument("--cache_dir", default=DEFAULTS.cache_dir, help="where teacher-logit caches are kept")
-    p.add_argument("--data_storage", default=DEFAULTS.data_storage, choices=STORAGES,
+    add("--cache_dir", default=DEFAULTS.cache_dir, help="where teacher-logit caches are kept")
+    add("--data_storage", default=DEFAULTS.data_storage, choices=STORAGES,
                    help="image folders: decode every image into memory, stream them from their files, or auto "
                         "(memory when the decoded splits fit 4 GB); default: the task config's data.storage")
-    p.add_argument("--num_workers", type=non_negative_int, default=DEFAULTS.num_workers,
+    add("--num_workers", type=non_negative_int, default=DEFAULTS.num_workers,
                    help="processes that decode streamed images (default: the CPU count less one, at most 8)")
-    p.add_argument("--stride_reduction", type=halvings, default=DEFAULTS.stride_reduction, metavar="{0,1,2,3}",
+    add("--stride_reduction", type=halvings, default=DEFAULTS.stride_reduction, metavar="{0,1,2,3}",
                    help="how many of the student's first downsampling layers are halved, each doubling every "
                         "later feature map (default: the task config's student_stride_reduction, else 1 below "
                         "64 px and 0 from 64 px on)")
-    p.add_argument("--mixup", type=bounded_float(0.0), default=DEFAULTS.mixup, metavar="A",
+    add("--dist_timeout", type=positive_float, default=DEFAULTS.dist_timeout, metavar="MINUTES",
+                   help="torchrun: how long a process waits for the others at a collective (process 0 computing "
+                        "a view of the logit cache, a slow epoch) before the run fails with an error")
+    add("--mixup", type=bounded_float(0.0), default=DEFAULTS.mixup, metavar="A",
                    help="blend each training batch with a shuffled copy by lam ~ Beta(A, A), labels too; the "
                         "teachers run online on the blended images (function matching). 0: off; 0.2-1 usual")
+
+
+def add_output_dir(p: argparse.ArgumentParser, help: str) -> None:
+    """--output_dir, the one name every script gives its output folder; --output, its name in release 0.2,
+    is still accepted (until the next release)."""
+    p.add_argument("--output_dir", "--output", dest="output_dir", default=None, help=help)
 
 
 def given_options(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
@@ -162,3 +178,22 @@ def given_options(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
         action.default = argparse.SUPPRESS
     given = set(vars(parser.parse_args(argv)))
     return given | {"task"} if "config" in given else given
+
+
+def train_command(settings: TrainSettings) -> str:
+    """The train.py command line that trains `settings`: the task, and every setting that differs from the
+    defaults (a task's default command trains its missing teachers too)."""
+    defaults, parts = TrainSettings(), ["python", "train.py"]
+    for field in dataclasses.fields(TrainSettings):
+        value = getattr(settings, field.name)
+        if field.name == "task":
+            parts += ["--task", value.upper()] if value.upper() in TASKS else ["--config", value]
+        elif field.name in ("run", "output_dir", "resume") or value == getattr(defaults, field.name):
+            continue
+        elif isinstance(value, bool):
+            parts.append(f"--{field.name}" if value else f"--no-{field.name}")
+        elif isinstance(value, (list, tuple)):
+            parts += [f"--{field.name}", *map(str, value)]
+        elif value is not None:
+            parts += [f"--{field.name}", str(value)]
+    return shlex.join(parts)

@@ -205,18 +205,27 @@ def _load_digits():
 
 
 def fashion_mnist_dirs(data_dir: str | os.PathLike | None) -> list[Path]:
-    """Where Fashion-MNIST is looked for, in order."""
-    base = Path(data_dir) if data_dir else REPO_DATA_DIR / "TaskB"
+    """Where Fashion-MNIST is looked for, in order: a given --data_dir alone (and torchvision's layout
+    inside it), else data/TaskB/ and then the system's dataset package."""
+    if data_dir:
+        return [Path(data_dir), Path(data_dir) / "FashionMNIST" / "raw"]
+    base = REPO_DATA_DIR / "TaskB"
     return [base, base / "FashionMNIST" / "raw", DEBIAN_FASHION_MNIST]
 
 
 def _load_fashion_mnist(data_dir):
+    if data_dir and not Path(data_dir).is_dir():
+        raise UserError(f"--data_dir {data_dir} does not exist; pass the folder holding Fashion-MNIST's four IDX "
+                        "files, or leave --data_dir out to use data/TaskB/ or the system's dataset package")
     folders = fashion_mnist_dirs(data_dir)
     for folder in folders:
         arrays = _read_idx_folder(folder)
         if arrays is not None:
             return arrays, f"Fashion-MNIST from {folder}"
     arrays = _download_fashion_mnist(data_dir)
+    if arrays is None and data_dir:
+        raise UserError(f"--data_dir {data_dir} holds no Fashion-MNIST IDX files ({', '.join(FASHION_FILES.values())}, "
+                        "optionally .gz) and torchvision could not download them there (offline?)")
     if arrays is None:
         raise UserError(
             f"Fashion-MNIST not found: put its four IDX files in {folders[0]} (or pass --data_dir), "

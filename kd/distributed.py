@@ -2,6 +2,14 @@
 
 `torchrun --nproc_per_node N train.py ...` sets WORLD_SIZE, RANK and LOCAL_RANK; a plain
 `python train.py` runs as a world of one, and every helper here is then a no-op.
+
+Every process trains: missing teachers too, each process its shard of every batch, exactly as it
+trains the student, so no process idles through a teacher's hours. Processes wait for one another
+only briefly: at each step's gradient all-reduce, while process 0 computes a view of the teacher-logit
+cache or writes a file the others then read (`main_process_first`). A wait longer than the run's
+--dist_timeout (default 30 minutes) fails the run with an error instead of hanging; a process that
+fails tells the others at once (see `main_process_first`; a peer that exits also breaks gloo's
+connections, and torchrun stops the rest of an NCCL job).
 """
 
 from __future__ import annotations
@@ -16,10 +24,6 @@ import torch.distributed as dist
 
 from kd.errors import UserError
 
-# Rank 0 may train missing teachers while the others wait at a barrier: allow hours, not minutes. A
-# process that fails does not leave the others waiting that long: see main_process_first, and a peer
-# that exits breaks gloo's connections at once (torchrun stops the rest of an NCCL job).
-BARRIER_TIMEOUT = timedelta(hours=12)
 
 
 @dataclass(frozen=True)
@@ -33,15 +37,16 @@ class World:
         return self.rank == 0
 
 
-def init_world(device: torch.device) -> World:
-    """Join the process group torchrun set up (NCCL on CUDA, gloo on CPU); a world of one otherwise."""
+def init_world(device: torch.device, timeout_minutes: float = 30.0) -> World:
+    """Join the process group torchrun set up (NCCL on CUDA, gloo on CPU), whose collectives fail after
+    `timeout_minutes` of waiting; a world of one otherwise."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size == 1:
         return World()
     if dist.is_initialized():
         return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, timeout=BARRIER_TIMEOUT)
+    dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes))
     return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 

@@ -22,6 +22,7 @@ from kd.errors import UserError
 from kd.losses import KDLoss
 
 log = logging.getLogger("kd")
+EVAL_BATCH_SIZE = 512  # validation and test batches: no gradients, so larger than training's
 
 
 def select_device(name: str = "auto") -> torch.device:

@@ -21,10 +21,9 @@ import torch
 import torch.nn as nn
 
 from kd.cli import ArgumentParser
-from kd.config import TaskConfig
 from kd.data import load_task_data
 from kd.errors import UserError, run_cli
-from kd.evaluation import RunSelection, open_run_student
+from kd.record import RunRecord, open_run_student
 from kd.speed import median_seconds, torch_threads
 
 ONNX_FILE, TORCHSCRIPT_FILE = "student.onnx", "student.torchscript.pt"
@@ -61,9 +60,9 @@ def export_student(run_dir=None, output_dir=None, checkpoint=None) -> ExportResu
     Both files are written to a staging folder and moved into place only after their outputs on
     the task's test images matched PyTorch's (see PARITY_RTOL).
     """
-    model, task, run = open_run_student(run_dir, checkpoint)
-    images = parity_images(task, run)
-    out = Path(output_dir) if output_dir else run.run_dir / "export"
+    model, record, weights = open_run_student(run_dir, checkpoint)
+    images = parity_images(record)
+    out = Path(output_dir) if output_dir else record.run_dir / "export"
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -76,16 +75,16 @@ def export_student(run_dir=None, output_dir=None, checkpoint=None) -> ExportResu
         tolerance, diffs, agreement = compare_outputs(runtimes, images)
         for path in (onnx_path, torchscript_path):
             os.replace(path, out / path.name)
-    sizes = {str(path): path.stat().st_size for path in (run.checkpoint, out / ONNX_FILE, out / TORCHSCRIPT_FILE)}
-    return ExportResult(out, tuple(images.shape[1:]), task.classes, sizes, len(images), tolerance, diffs, agreement,
+    sizes = {str(path): path.stat().st_size for path in (weights, out / ONNX_FILE, out / TORCHSCRIPT_FILE)}
+    return ExportResult(out, tuple(images.shape[1:]), record.task.classes, sizes, len(images), tolerance, diffs, agreement,
                         measure_latency(runtimes, images[:1]))
 
 
-def parity_images(task: TaskConfig, run: RunSelection) -> torch.Tensor:
-    """Up to PARITY_IMAGES test images of the task as float [0, 1], spread evenly over the split
+def parity_images(record: RunRecord) -> torch.Tensor:
+    """Up to PARITY_IMAGES test images of the run's task as float [0, 1], spread evenly over the split
     (an image-folder split is ordered by class)."""
-    test = load_task_data(task, run.settings.get("data_dir"), run.settings.get("data_storage"),
-                          run.settings.get("num_workers")).test
+    settings = record.settings
+    test = load_task_data(record.task, settings.data_dir, settings.data_storage, settings.num_workers).test
     index = torch.linspace(0, len(test) - 1, min(len(test), PARITY_IMAGES)).round().long()
     return torch.stack([test.image(i) for i in index.tolist()]).float().div_(255.0)
 

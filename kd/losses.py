@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-WEIGHTING_SCHEMES = ("uniform", "fixed", "entropy", "confidence")
+from kd.settings import WEIGHTING_SCHEMES
 
 
 def _normalised_weights(weights: torch.Tensor | None, num_teachers: int, batch: int,

@@ -22,7 +22,7 @@ from kd.cli import ArgumentParser, positive_int
 from kd.config import TaskConfig
 from kd.images import IMAGE_SUFFIXES, list_images, read_image
 from kd.errors import UserError, run_cli
-from kd.evaluation import open_run_student
+from kd.record import open_run_student
 
 BATCH_SIZE = 256
 
@@ -64,7 +64,8 @@ def class_probabilities(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 def predict_images(inputs: Sequence[str | Path], run_dir=None, checkpoint=None, topk: int = 3) -> list[Prediction]:
     """The top-k classes of every image in `inputs` (files and folders) by the student of a run."""
-    model, task, _ = open_run_student(run_dir, checkpoint)
+    model, record, _ = open_run_student(run_dir, checkpoint)
+    task = record.task
     paths = collect_images(inputs)
     probs, indices = class_probabilities(model, load_images(paths, task)).topk(min(topk, task.num_classes), dim=1)
     return [Prediction(path, [(task.classes[i], p) for i, p in zip(row_indices, row_probs)])

@@ -70,7 +70,7 @@ COLUMNS = (("task", "task", "{}"), ("student", "student", "{}"), ("student_acc",
            ("speedup_vs_ensemble", "speed vs ensemble", "{:.2f}x"))
 
 
-def format_summary(summary: dict) -> str:
+def format_evaluation_summary(summary: dict) -> str:
     """A fixed-width table; a failed task's row says why instead of numbers."""
     widths = [max(len(title), 9) for _, title, _ in COLUMNS]
     lines = ["  ".join(title.rjust(w) for (_, title, _), w in zip(COLUMNS, widths))]

@@ -1,11 +1,10 @@
-"""Run folders: naming, the log file, metrics.csv and TensorBoard events."""
+"""A run's logs: the console and train.log, metrics.csv and TensorBoard events (its record: kd.record)."""
 
 from __future__ import annotations
 
 import csv
 import json
 import logging
-import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,36 +13,8 @@ import yaml
 from tqdm import tqdm
 
 from kd.checkpoint import atomic_write
-from kd.errors import UserError
 
 log = logging.getLogger("kd")
-
-
-def run_name(task: str, student: str, temperature: float, alpha: float, suffix: str = "") -> str:
-    """Task<A|B>_<student>_T<temperature>_a<alpha>[_<suffix>]"""
-    name = f"Task{task}_{student}_T{temperature}_a{alpha}"
-    return f"{name}_{suffix}" if suffix else name
-
-
-def create_run_dir(output_dir: str | os.PathLike, name: str) -> Path:
-    """Create output_dir/name; if it exists, use name-2, name-3, ... so no run is overwritten."""
-    base = Path(output_dir)
-    try:
-        base.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"cannot create output folder {base}: {err.strerror}; pass a writable --output_dir") from None
-    if not os.access(base, os.W_OK):
-        raise UserError(f"output folder {base} is not writable; pass a writable --output_dir")
-    for i in range(1, 10_000):
-        candidate = base / (name if i == 1 else f"{name}-{i}")
-        try:
-            candidate.mkdir()
-        except FileExistsError:
-            continue
-        if i > 1:
-            log.warning("%s already exists; this run writes to %s", base / name, candidate)
-        return candidate
-    raise UserError(f"too many runs named {name} in {base}")
 
 
 class TqdmHandler(logging.Handler):

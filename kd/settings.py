@@ -11,6 +11,7 @@ from kd.errors import UserError
 
 OPTIMIZERS = ("adam", "adamw")
 LR_SCHEDULES = ("step", "cosine")
+WEIGHTING_SCHEMES = ("uniform", "fixed", "entropy", "confidence")  # how teachers are weighted: kd.losses
 # The students (--student_model): the deployment-sized member of each family, by its timm name; see the
 # README for the measured trade-offs.
 STUDENT_ARCHS = {
@@ -18,6 +19,14 @@ STUDENT_ARCHS = {
     "EfficientNet": "efficientnet_b0",
     "ResNet18": "resnet18",
 }
+
+
+def unused_teacher_weights(settings: "TrainSettings") -> str | None:
+    """Why the settings' teacher weights would be silently unused (None: they are used, or not given)."""
+    if settings.teacher_weights is not None and settings.teacher_weighting != "fixed":
+        return (f"--teacher_weights is used only by --teacher_weighting fixed (this run weights the teachers by "
+                f"{settings.teacher_weighting}); add --teacher_weighting fixed or drop the weights")
+    return None
 
 
 def canonical_student_name(name: str) -> str:
@@ -64,3 +73,4 @@ class TrainSettings:
     num_workers: int | None = None  # decoding processes of streamed data; None: from the CPU count
     stride_reduction: int | None = None  # the student's first downsampling layers halved; None: the task config's
     mixup: float = 0.0  # Beta(a, a) concentration of mixup on every training batch; 0: off
+    dist_timeout: float = 30.0  # torchrun: minutes a process waits at a collective before it fails

@@ -133,10 +133,15 @@ class StreamBatches(PlannedBatches):
         return self._batches(self._make_loader(items, persistent=False))
 
     def _make_loader(self, batch_sampler: Iterable[list[Item]], persistent: bool) -> DataLoader:
+        """A DataLoader with a generator of its own: a loader draws its workers' base seed when it starts,
+        from torch's global generator unless given one, and that draw would shift the global stream that
+        mixup and the checkpoints' RNG states follow (persistent workers start once per process, so a
+        resumed run would draw where the uninterrupted one did not). The workers draw nothing random."""
         workers = self.split.num_workers
         return DataLoader(ImageFiles(self.split, self.augment), batch_sampler=batch_sampler, num_workers=workers,
                           collate_fn=collate, pin_memory=self.device.type == "cuda",
-                          persistent_workers=persistent and workers > 0, prefetch_factor=2 if workers else None)
+                          persistent_workers=persistent and workers > 0, prefetch_factor=2 if workers else None,
+                          generator=torch.Generator())
 
     def _batches(self, loader: DataLoader) -> Iterator[Batch]:
         for batch, bad in loader:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from kd.config import TaskConfig
-from kd.models import Normalized, create_model, default_stride_reduction
+from kd.models import ModelBuild, Normalized, default_stride_reduction
 from kd.settings import STUDENT_ARCHS, canonical_student_name
 
 
@@ -18,9 +18,15 @@ def with_stride_reduction(task: TaskConfig, name: str, halvings: int | None) -> 
                                                                canonical_student_name(name): halvings})
 
 
-def build_student(name: str, task: TaskConfig) -> Normalized:
-    """A new student for the task, fitted to its input as the task config says (measured per task: README)."""
+def student_build(name: str, task: TaskConfig) -> ModelBuild:
+    """How a student for the task is built: fitted to its input as the task config says (measured per
+    task: README)."""
     name = canonical_student_name(name)
-    return create_model(STUDENT_ARCHS[name], task.num_classes, task.data.channels, task.mean, task.std,
-                        stride_reduction=task.student_stride_reduction.get(
-                            name, default_stride_reduction(task.data.input_size)))
+    return ModelBuild(STUDENT_ARCHS[name], task.num_classes, task.data.channels, task.data.input_size,
+                      task.student_stride_reduction.get(name, default_stride_reduction(task.data.input_size)),
+                      task.mean, task.std)
+
+
+def build_student(name: str, task: TaskConfig) -> Normalized:
+    """A new student for the task, with random weights."""
+    return student_build(name, task).create()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -12,7 +13,7 @@ from kd.config import TaskConfig, TeacherSpec
 from kd.engine import Precision, collect_logits
 from kd.errors import UserError
 from kd.losses import teacher_target
-from kd.models import Normalized, create_model, default_stride_reduction
+from kd.models import ModelBuild, Normalized, default_stride_reduction
 
 
 class TeacherEnsemble(nn.Module):
@@ -47,16 +48,14 @@ def freeze(model: nn.Module) -> nn.Module:
 def build_teacher(spec: TeacherSpec, task: TaskConfig, *, pretrained: bool | Path = False,
                   plain_timm: bool = False) -> Normalized:
     """The teacher's architecture fitted to the task's input (timm's own with `plain_timm`)."""
-    return create_model(spec.arch, task.num_classes, task.data.channels, spec.mean or task.mean,
-                        spec.std or task.std, pretrained=pretrained,
-                        stride_reduction=0 if plain_timm else teacher_stride_reduction(spec, task))
+    build = teacher_build(spec, task)
+    return (dataclasses.replace(build, stride_reduction=0) if plain_timm else build).create(pretrained)
 
 
-def teacher_build(spec: TeacherSpec, task: TaskConfig) -> dict:
-    """How `build_teacher` builds and feeds this teacher, as plain values: what its weights file does not say."""
-    return {"arch": spec.arch, "stride_reduction": teacher_stride_reduction(spec, task),
-            "mean": list(spec.mean or task.mean), "std": list(spec.std or task.std),
-            "input_size": task.data.input_size, "channels": task.data.channels, "classes": task.num_classes}
+def teacher_build(spec: TeacherSpec, task: TaskConfig) -> ModelBuild:
+    """How `build_teacher` builds and feeds this teacher (with its config's halvings)."""
+    return ModelBuild(spec.arch, task.num_classes, task.data.channels, task.data.input_size,
+                      teacher_stride_reduction(spec, task), tuple(spec.mean or task.mean), tuple(spec.std or task.std))
 
 
 def teacher_stride_reduction(spec: TeacherSpec, task: TaskConfig) -> int:

@@ -8,13 +8,12 @@ from kd.checkpoint import save_weights
 from kd.config import AugmentSpec
 from kd.data import Batches, Split
 from kd.engine import Precision, online_teachers
-from kd.models import create_model
+from kd.models import ModelBuild, create_model
 from kd.teachers import TeacherEnsemble
 from tests.conftest import with_random_head
 
 CPU = Precision(torch.device("cpu"), None)
-BUILD = {"arch": "resnet10t", "stride_reduction": 1, "mean": [0.4], "std": [0.3], "input_size": 8, "channels": 1,
-         "classes": 3}
+BUILD = ModelBuild("resnet10t", num_classes=3, channels=1, input_size=8, stride_reduction=1, mean=(0.4,), std=(0.3,))
 
 
 def setup(tmp_path, augment=AugmentSpec(crop_padding=2, hflip=True), views=3):
@@ -90,9 +89,10 @@ def test_the_key_holds_everything_that_determines_a_logit(tmp_path):
     assert len(set(paths)) == 2 and open_cache(ensemble, checkpoints, batches, tmp_path / "c").paths(0) == paths
     assert set(open_cache(ensemble, checkpoints, batches, tmp_path / "c").paths(1)).isdisjoint(paths)
 
-    for change in ({"stride_reduction": 2}, {"mean": [0.5]}, {"std": [0.2]}, {"input_size": 16},
-                   {"channels": 3}, {"arch": "resnet18"}):
-        other = open_cache(ensemble, checkpoints, batches, tmp_path / "c", builds=({**BUILD, **change}, BUILD))
+    for change in ({"stride_reduction": 2}, {"mean": (0.5,)}, {"std": (0.2,)}, {"input_size": 16},
+                   {"channels": 3}, {"arch": "resnet18"}, {"num_classes": 4}):
+        other = open_cache(ensemble, checkpoints, batches, tmp_path / "c",
+                           builds=(dataclasses.replace(BUILD, **change), BUILD))
         assert other.paths(0)[0] != paths[0] and other.paths(0)[1] == paths[1], change
 
     save_weights(create_model("resnet10t", 3, 1, [0.4], [0.3]), checkpoints[0], {})  # a retrained teacher

@@ -69,12 +69,26 @@ def test_truncated_idx_file_is_named(tmp_path):
 def test_missing_fashion_mnist_names_every_way_to_get_it(tmp_path, monkeypatch):
     import kd.data
 
+    monkeypatch.setattr(kd.data, "REPO_DATA_DIR", tmp_path)
     monkeypatch.setattr(kd.data, "DEBIAN_FASHION_MNIST", tmp_path / "nowhere")
     monkeypatch.setattr(kd.data, "_download_fashion_mnist", lambda data_dir: None)
     with pytest.raises(UserError) as err:
-        load_task_data(load_task_config("B"), data_dir=tmp_path)
+        load_task_data(load_task_config("B"))
     message = str(err.value)
-    assert str(tmp_path) in message and "dataset-fashion-mnist" in message and "online" in message
+    assert str(tmp_path / "TaskB") in message and "dataset-fashion-mnist" in message and "online" in message
+
+
+def test_a_given_data_dir_is_the_only_place_looked_in(tmp_path, monkeypatch):
+    import kd.data
+
+    monkeypatch.setattr(kd.data, "_download_fashion_mnist", lambda data_dir: None)
+    write_fashion_like(tmp_path / "elsewhere", n_train=6000)
+    monkeypatch.setattr(kd.data, "DEBIAN_FASHION_MNIST", tmp_path / "elsewhere")  # the system's copy exists
+    with pytest.raises(UserError, match=f"--data_dir {tmp_path / 'missing'} does not exist"):
+        load_task_data(load_task_config("B"), data_dir=tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match=f"--data_dir {tmp_path / 'empty'} holds no Fashion-MNIST"):
+        load_task_data(load_task_config("B"), data_dir=tmp_path / "empty")
 
 
 def test_augmentation_is_a_shifted_crop_and_flip():

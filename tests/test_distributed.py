@@ -112,6 +112,36 @@ def test_when_rank_0_fails_every_process_stops_at_once(tmp_path, where):
         assert outcome_1 == "UserError: process 0 failed: teacher checkpoint missing: teachers/x.safetensors"
 
 
+def wait_past_the_timeout(rank: int, port: int, out: str) -> None:
+    """Process `rank` of 2 with a collective timeout of 1.2 seconds: rank 1 waits at an all-reduce that
+    rank 0 joins only after 5 seconds."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    init_world(torch.device("cpu"), timeout_minutes=0.02)
+    started = time.monotonic()
+    try:
+        if rank == 0:
+            time.sleep(5)
+        reduce_sum(torch.ones(1))
+        outcome = "finished"
+    except Exception as err:
+        outcome = type(err).__name__
+    Path(out, f"rank{rank}.txt").write_text(f"{time.monotonic() - started:.1f}\n{outcome}")
+
+
+def test_a_collective_that_waits_longer_than_the_timeout_fails(tmp_path):
+    mp.spawn(wait_past_the_timeout, args=(free_port(), str(tmp_path)), nprocs=2)
+    seconds, outcome = (tmp_path / "rank1.txt").read_text().split("\n")
+    assert outcome != "finished" and float(seconds) < 4  # it gave up after its 1.2 s, not when rank 0 came
+
+
+def test_train_py_has_a_dist_timeout_flag_in_minutes():
+    import train
+
+    assert train.get_args_parser().parse_args(["--dist_timeout", "5"]).dist_timeout == 5.0
+    assert train.get_args_parser().parse_args([]).dist_timeout == 30.0
+
+
 @pytest.mark.slow
 def test_train_py_runs_under_torchrun_with_one_writer(tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",

@@ -3,6 +3,7 @@
 Everything runs on CPU with tiny models and synthetic or 8x8 digit images.
 """
 
+import dataclasses
 import json
 import re
 import shutil
@@ -22,10 +23,11 @@ from kd import plots
 from kd.checkpoint import save_weights
 from kd.config import load_task_config
 from kd.errors import UserError
-from kd.evaluation import RunSelection, ensemble_probabilities, evaluate_task, load_student, main_for_task, task_parser
-from kd.report import build_summary, format_summary, last_line, task_row
+from kd.evaluation import ensemble_probabilities, evaluate_task, main_for_task, task_parser
+from kd.record import RunRecord, load_student
+from kd.report import build_summary, format_evaluation_summary, last_line, task_row
 from kd.speed import Speed, SpeedSettings, measure_speed, sequential_speed
-from kd.students import build_student, with_stride_reduction
+from kd.students import build_student, student_build, with_stride_reduction
 from kd.teachers import build_teacher
 from tests.conftest import with_random_head
 
@@ -188,7 +190,7 @@ def test_summary_keeps_the_reason_of_a_missing_or_failed_task():
     summary = build_summary({"A": _fake_metrics(), "B": "error: no run of task B yet: python train.py --task B"})
     assert summary["ok"] is False
     assert [r["status"] for r in summary["tasks"]] == ["ok", "failed"]
-    table = format_summary(summary)
+    table = format_evaluation_summary(summary)
     assert "FAILED: error: no run of task B yet: python train.py --task B" in table
     assert "90.00%" in table and "8.00x" in table
     assert build_summary({"A": _fake_metrics()})["ok"] is True
@@ -259,7 +261,8 @@ def fake_project(tmp_path_factory):
     save_weights(with_random_head(build_teacher(task.teachers[1], task)), other_path, {"arch": "test_resnet"})
     (run / "config.yaml").write_text(yaml.safe_dump(
         {"settings": {"task": str(config_path), "student_model": "MobileNetV3", "temperature": 2.0, "alpha": 0.5,
-                      "teacher_weighting": "entropy", "data_dir": None}, "task": {"name": "T"}}))
+                      "teacher_weighting": "entropy", "data_dir": None}, "task": task.to_dict(),
+         "model": student_build("MobileNetV3", task).to_dict()}))
     (run / "metrics.csv").write_text("epoch,lr,train_loss,train_ce,train_kd,train_acc,val_loss,val_acc,seconds\n"
                                      "1,0.001,2.3,2.2,0.1,0.1,2.3,0.1,1.0\n2,0.001,2.0,1.9,0.1,0.3,2.1,0.5,1.0\n")
     return {"config": str(config_path), "root": root, "run": run, "twin": twin_path}
@@ -311,20 +314,27 @@ def test_the_ensemble_is_weighted_with_the_runs_own_teacher_weights(fake_project
     assert saved["teachers"]["other"]["agreement_with_student"] < 0.9  # so a mix would not agree
 
 
-def test_the_student_is_rebuilt_with_the_runs_own_stride_reduction(fake_project, tmp_path):
-    """A run trained with --stride_reduction 2 on a task whose default is 1 has the same weights' shapes
-    either way: only the run's setting rebuilds the network that was trained."""
+def test_the_student_is_rebuilt_as_its_run_records_it(fake_project, tmp_path):
+    """A student trained with two halvings on a task whose default is one has the same weights' shapes
+    either way: the run's record rebuilds the network that was trained, and weights that say they were
+    built otherwise are refused, the difference named."""
     task = load_task_config(fake_project["config"])
+    build = student_build("MobileNetV3", with_stride_reduction(task, "MobileNetV3", 2))
     torch.manual_seed(0)
-    trained = with_random_head(build_student("MobileNetV3", with_stride_reduction(task, "MobileNetV3", 2))).eval()
-    save_weights(trained, tmp_path / "student.safetensors", {"classes": list(task.classes)})
-    run = RunSelection(tmp_path, tmp_path / "student.safetensors", {"student_model": "MobileNetV3",
-                                                                   "stride_reduction": 2})
+    trained = with_random_head(build.create()).eval()
+    weights = tmp_path / "student.safetensors"
+    save_weights(trained, weights, {"classes": list(task.classes), "build": build.to_dict()})
+    settings = {"student_model": "MobileNetV3", "stride_reduction": 2}
     x = torch.rand(4, 1, 8, 8)
     with torch.no_grad():
-        assert torch.allclose(load_student(run, task)[0](x), trained(x), atol=1e-5)
-        as_configured = load_student(RunSelection(tmp_path, run.checkpoint, {"student_model": "MobileNetV3"}), task)
-        assert not torch.allclose(as_configured[0](x), trained(x), atol=1e-3)
+        recorded = RunRecord(tmp_path, {"settings": settings, "task": task.to_dict(), "model": build.to_dict()})
+        assert torch.allclose(load_student(recorded, weights)[0](x), trained(x), atol=1e-5)
+        earlier_release = RunRecord(tmp_path, {"settings": settings, "task": task.to_dict()})  # no build recorded
+        assert torch.allclose(load_student(earlier_release, weights)[0](x), trained(x), atol=1e-5)
+    other = RunRecord(tmp_path, {"settings": settings, "task": task.to_dict(),
+                                 "model": dataclasses.replace(build, stride_reduction=1).to_dict()})
+    with pytest.raises(UserError, match=r"built otherwise .* stride_reduction 2 \(the run's: 1\)"):
+        load_student(other, weights)
 
 
 def test_evaluate_task_explains_a_missing_run_or_teacher(fake_project, tmp_path):

@@ -20,7 +20,8 @@ from kd.data import Split, load_task_data
 from kd.streaming import FileSplit
 from kd.engine import Precision
 from kd.errors import UserError
-from kd.evaluation import evaluate_task, open_run_student
+from kd.evaluation import evaluate_task
+from kd.record import open_run_student
 from kd.export import parity_images
 from kd.models import create_model
 from kd.speed import SpeedSettings
@@ -86,6 +87,19 @@ def test_worker_processes_change_nothing_and_pooled_views_replay(folder_task):
     assert_same_batches(collect(resident), collect(streamed))
     assert_same_batches(collect(resident.view_batches(2, 16)), collect(streamed.view_batches(2, 16)))
     assert_same_batches(collect(memory.val.batches(16, "cpu")), collect(stream.val.batches(16, "cpu")))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_streaming_draws_nothing_from_the_global_generator(folder_task, workers):
+    """mixup and the checkpoints' RNG states follow torch's global stream; a loader must not draw from it."""
+    stream = load_task_data(load_task_config(str(folder_task)), storage="stream", num_workers=workers)
+    batches = stream.train.batches(7, "cpu", shuffle=True, augment=AUGMENT, seed=1)
+    state = torch.get_rng_state()
+    for epoch in range(2):
+        batches.set_epoch(epoch)
+        list(batches)
+        list(stream.train.batches(7, "cpu", views=2).view_batches(0, 7))
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 def test_each_process_streams_only_its_share_of_every_global_batch(folder_task):
@@ -173,7 +187,7 @@ def stream_settings(config: Path, tmp_path: Path, **changes) -> TrainSettings:
 
 
 def test_a_cache_too_large_for_the_disk_budget_is_refused_with_its_size(folder_task, tmp_path, monkeypatch):
-    monkeypatch.setattr("kd.training.DISK_BUDGET_BYTES", 100)
+    monkeypatch.setattr("kd.cache.DISK_BUDGET_BYTES", 100)
     with pytest.raises(UserError, match=r"the teacher-logit cache would take 0\.0 GB on disk .* budget 0 GB"):
         train_student(stream_settings(folder_task, tmp_path))
     assert not list((tmp_path / "runs").glob("*"))
@@ -226,7 +240,20 @@ def test_streamed_run_resumes_exactly_after_kill_then_evaluates_and_reads_export
     assert result["provenance"]["test_size"] == 30 and "streamed" in result["provenance"]["data_storage"]
     assert (tmp_path / "eval" / "sample_predictions.png").is_file()
     # an export checks its files on test images read the run's way (the whole export: test_custom_task.py)
-    _, task, run = open_run_student(resumed)
-    resident = dataclasses.replace(run, settings={**run.settings, "data_storage": "memory"})
-    assert torch.equal(parity_images(task, run), parity_images(task, resident))
+    _, record, _ = open_run_student(resumed)
+    # what the export reads: the test images, decoded the run's way (its record says stream)
+    resident = dataclasses.replace(record, body={**record.body, "settings": {**record.body["settings"],
+                                                                             "data_storage": "memory"}})
+    assert torch.equal(parity_images(record), parity_images(resident))
     assert yaml.safe_load((resumed / "config.yaml").read_text())["settings"]["data_storage"] == "stream"
+
+
+@pytest.mark.slow
+def test_a_streamed_mixup_run_with_workers_resumes_bit_for_bit_after_kill(folder_task, tmp_path, capsys):
+    """mixup draws from torch's global stream, which the checkpoints save; the loaders' workers must not
+    move it (they start once per process, so only a resumed run would)."""
+    args = ["--mixup", "0.4", "--teacher_cache", "off", "--num_workers", "2"]
+    reference = run_in_process(train_args(folder_task, tmp_path, "ref", *args), capsys)
+    killed_after_first_checkpoint(train_args(folder_task, tmp_path, "killed", *args), tmp_path / "killed")
+    resumed = run_in_process(train_args(folder_task, tmp_path, "killed", *args, "--resume", "auto"), capsys)
+    assert_same_run(reference, resumed)

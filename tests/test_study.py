@@ -153,7 +153,7 @@ def test_study_records_summarises_and_resumes(tmp_path, tiny_teachers, capsys, m
     argv = ["--config", str(write_task(tmp_path, tiny_teachers)), "--students", "mobilenetv3", "--seeds", "1", "2",
             "--arms", "alpha0", "uniform", "--num_epochs", "1", "--batch_size", "64", "--lr", "0.01", "--alpha", "0.5",
             "--device", "cpu", "--set", f"cache_dir={tmp_path / 'cache'}", "teacher_cache_views=2",
-            "--output", str(out)]
+            "--output_dir", str(out)]
     script = load_benchmark("kd_study")
     script.main(argv)
     printed = capsys.readouterr().out

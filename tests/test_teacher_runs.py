@@ -11,7 +11,8 @@ from kd.data import Batches, Split, TaskData
 from kd.distributed import World
 from kd.engine import Precision
 from kd.runs import setup_logging
-from kd.training import RunCheckpoints, Trainee, ensure_teachers, teacher_run_dir
+from kd.resume import RunCheckpoints
+from kd.training import ensure_teachers, teacher_run_dir
 from tests.conftest import tiny_task_raw
 
 
@@ -89,10 +90,9 @@ def test_training_batches_drop_an_incomplete_last_batch():
 
 def test_at_equal_validation_accuracy_the_lower_loss_is_kept(tmp_path):
     model = torch.nn.Linear(2, 2)
-    trainee = Trainee("student", "student x", lambda: model, {})
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     checkpoints = RunCheckpoints(tmp_path, model, optimizer, torch.optim.lr_scheduler.StepLR(optimizer, 1),
-                                 Precision(torch.device("cpu"), None), trainee)
+                                 Precision(torch.device("cpu"), None), "student", {})
     for epoch, acc, loss in [(1, 0.9, 0.5), (2, 1.0, 0.3), (3, 1.0, 0.1), (4, 1.0, 0.2), (5, 0.95, 0.05)]:
         checkpoints.save({"epoch": epoch, "val_acc": acc, "val_loss": loss})
     assert checkpoints.best_epoch == 3

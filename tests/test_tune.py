@@ -18,8 +18,10 @@ import train
 import tune
 from kd.errors import Terminated, UserError, run_cli
 from kd.settings import TrainSettings
-from kd.training import read_run_settings
-from kd.experiments.tuning import DEFAULT_SPACE, Choices, FloatRange, Fixed, load_search_space, retry_of, train_command
+from kd.cli import train_command
+from kd.experiments.tune_plan import TunePlan
+from kd.experiments.tuning import DEFAULT_SPACE, Choices, FloatRange, Fixed, load_search_space, retry_of
+from kd.record import read_record
 from tests.conftest import ROOT, signal_when, write_task
 
 STUDY = "TaskT_MobileNetV3"  # the default study name of the tiny task and this student
@@ -29,7 +31,7 @@ GOOD = {"temperature": 2.0, "alpha": 0.5, "lr": 0.01, "weight_decay": 1e-5, "tea
 def tune_args(config: Path, out: Path, *extra: str) -> list[str]:
     # batch 256: 4 steps an epoch, so trials that only need to run cost about a second an epoch
     return ["--config", str(config), "--device", "cpu", "--student_model", "MobileNetV3", "--num_epochs", "2",
-            "--batch_size", "256", "--output", str(out), "--cache_dir", str(out.parent / "cache"), *extra]
+            "--batch_size", "256", "--output_dir", str(out), "--cache_dir", str(out.parent / "cache"), *extra]
 
 
 def sqlite(out: Path) -> str:
@@ -136,7 +138,7 @@ def test_a_search_prunes_a_hopeless_trial_continues_on_rerun_and_reports(tmp_pat
     options = vars(train.get_args_parser().parse_args(argv[2:]))
     options["task"] = options.pop("config") or options["task"]
     options.pop("teachers_only")
-    ran = read_run_settings(out / best.user_attrs["run_dir"])
+    ran = read_record(out / best.user_attrs["run_dir"]).settings
     assert TrainSettings(**options) == TrainSettings(**{**ran.__dict__, "run": "", "output_dir": "runs"})
     assert f"tuned **{result['best']['test_acc']:.2%}**" in (out / "summary.md").read_text()
 
@@ -268,7 +270,7 @@ def test_bad_input_stops_with_one_line_and_loses_nothing(tmp_path, capsys, extra
 
 
 def test_a_study_started_before_a_setting_existed_continues_with_it_at_its_default(tmp_path):
-    plan = tuning.TunePlan(TrainSettings(task="A", num_epochs=2), dict(DEFAULT_SPACE), trials=1)
+    plan = TunePlan(TrainSettings(task="A", num_epochs=2), dict(DEFAULT_SPACE), trials=1)
     url = f"sqlite:///{tmp_path / 'study.db'}"
     study = tuning.open_study(url, STUDY, plan)
     study.set_user_attr("budget", {k: v for k, v in study.user_attrs["budget"].items() if k != "mixup"})

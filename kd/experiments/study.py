@@ -33,14 +33,14 @@ from kd.cache import file_sha256
 from kd.checkpoint import atomic_write, load_weights
 from kd.cli import add_training_arguments
 from kd.config import TASK_CONFIGS, TaskConfig, load_task_config
-from kd.engine import Precision, select_device
+from kd.engine import EVAL_BATCH_SIZE, Precision, select_device
 from kd.errors import UserError
 from kd.plots import STYLE, label_ticks_apart
 from kd.report import write_json
-from kd.runs import run_name
+from kd.record import run_name
 from kd.teachers import load_teacher, teacher_accuracies
 from kd.settings import STUDENT_ARCHS, TrainSettings, canonical_student_name
-from kd.training import EVAL_BATCH_SIZE, load_data, train_student
+from kd.training import load_data, train_student
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ class StudyPlan:
     seeds: tuple[int, ...] = DEFAULT_SEEDS
     arms: tuple[str, ...] = tuple(ARMS)
     settings: dict = field(default_factory=dict)  # TrainSettings values every run shares (see budget_settings)
-    output: str | None = None  # default: evaluation/study/Task<name>
+    output_dir: str | None = None  # default: evaluation/study/Task<name>
 
 
 @dataclass(frozen=True)
@@ -141,7 +141,7 @@ def budget_settings(flags: dict, overrides: dict) -> dict:
             raise UserError(f"--set {key}: use --{key}")
         if key in RUN_KEYS:
             raise UserError(f"--set {key}: the study sets it for each run (--task/--config, --students, --seeds, "
-                            "--arms, --output)")
+                            "--arms, --output_dir)")
     parser = argparse.ArgumentParser()
     add_training_arguments(parser)
     actions = {action.dest: action for action in parser._actions}
@@ -191,7 +191,7 @@ def run_study(plan: StudyPlan) -> str:
     rows = [done[key] for key in planned if key in done]
     others = [row for key, row in done.items() if key not in planned]  # earlier studies' runs at this budget
     stats = summarize(rows + others)
-    summary = format_summary(task, plan, base, out, rows, len(planned), stats, teachers, len(others))
+    summary = format_study_summary(task, plan, base, out, rows, len(planned), stats, teachers, len(others))
     atomic_write(out / "summary.md", lambda tmp: Path(tmp).write_text(summary))
     plot_study(stats, teachers, out / "study.png", f"Task {task.name}: test accuracy per arm, mean ± sd over seeds "
                                                    f"({base.num_epochs} epochs)")
@@ -206,6 +206,8 @@ def check_plan(plan: StudyPlan) -> StudyPlan:
     for name, values in (("students", plan.students), ("seeds", plan.seeds), ("arms", plan.arms)):
         if not values:
             raise UserError(f"no {name} given; pass at least one to --{name}")
+    if plan.settings.get("alpha") == 0 and any(ARMS[arm].kd for arm in plan.arms):
+        raise UserError("--alpha 0 would make every KD arm a copy of alpha0; give the KD arms' alpha (> 0)")
     cached = [arm for arm in plan.arms if ARMS[arm].cache == "on"]
     if plan.settings.get("mixup") and cached:
         raise UserError(f"--set mixup needs the teachers online, but arm {cached[0]!r} replays cached logits; "
@@ -222,7 +224,7 @@ def base_settings(plan: StudyPlan) -> TrainSettings:
 
 
 def study_folder(plan: StudyPlan, task: TaskConfig) -> Path:
-    return Path(plan.output) if plan.output else Path("evaluation") / "study" / f"Task{task.name}"
+    return Path(plan.output_dir) if plan.output_dir else Path("evaluation") / "study" / f"Task{task.name}"
 
 
 def planned_runs(plan: StudyPlan) -> list[tuple[str, str, int]]:
@@ -325,7 +327,7 @@ def read_rows(path: Path) -> list[dict]:
         reader = csv.DictReader(f)
         if tuple(reader.fieldnames or ()) != COLUMNS:
             raise UserError(f"{path} does not have this study's columns ({', '.join(COLUMNS)}); "
-                            "move it away or pass another --output")
+                            "move it away or pass another --output_dir")
         return [{key: CSV_TYPES.get(key, str)(value) for key, value in row.items()} for row in reader]
 
 
@@ -420,7 +422,7 @@ def verdict(differences: list[float]) -> str:
     return "within noise"
 
 
-def format_summary(task: TaskConfig, plan: StudyPlan, base: TrainSettings, out: Path, rows: list[dict],
+def format_study_summary(task: TaskConfig, plan: StudyPlan, base: TrainSettings, out: Path, rows: list[dict],
                    planned: int, stats: dict[str, list[ArmStats]], teachers: dict | None, others: int = 0) -> str:
     threads = sorted({r["threads"] for r in rows}) or [torch.get_num_threads()]
     extras = [f"{k}={v}" for k, v in plan.settings.items() if k not in BUDGET_FLAGS]
@@ -490,7 +492,7 @@ def reproduce_command(plan: StudyPlan, base: TrainSettings, out: Path) -> str:
     for key, value in plan.settings.items():
         if key not in BUDGET_FLAGS:
             parts += ["--set", f"{key}={value if isinstance(value, str) else json.dumps(value)}"]
-    return shlex.join([*parts, "--output", str(out)])
+    return shlex.join([*parts, "--output_dir", str(out)])
 
 
 def plot_study(stats: dict[str, list[ArmStats]], teachers: dict | None, path: Path, title: str) -> None:

@@ -18,7 +18,6 @@ import io
 import json
 import logging
 import os
-import shlex
 import shutil
 import socket
 import statistics
@@ -37,16 +36,16 @@ from tqdm import tqdm
 
 from kd import plots
 from kd.checkpoint import atomic_write, load_weights
-from kd.cli import bounded_float, positive_float, unit_interval
+from kd.cli import bounded_float, positive_float, train_command, unit_interval
 from kd.config import TaskConfig, load_task_config
-from kd.engine import NonFiniteLoss, evaluate, select_device, select_precision
+from kd.engine import EVAL_BATCH_SIZE, NonFiniteLoss, evaluate, select_device, select_precision
 from kd.errors import UserError
-from kd.evaluation import open_run_student
-from kd.losses import WEIGHTING_SCHEMES
-from kd.runs import run_name
-from kd.settings import TrainSettings, canonical_student_name
+from kd.record import open_run_student, read_record
+from kd.record import run_name
+from kd.settings import WEIGHTING_SCHEMES, TrainSettings, canonical_student_name
 from kd.experiments.study import or_dash, run_metadata, sample_sd, verdict
-from kd.training import EVAL_BATCH_SIZE, RunHooks, load_data, prepare_teachers, read_run_settings, train_student
+from kd.experiments.tune_plan import TunePlan
+from kd.training import RunHooks, load_data, prepare_teachers, train_student
 
 log = logging.getLogger("kd")
 
@@ -189,20 +188,6 @@ def describe_space(space: dict) -> dict:
     return {name: param.describe() for name, param in space.items()}
 
 
-@dataclass(frozen=True)
-class TunePlan:
-    settings: TrainSettings  # what every trial shares; the searched settings are set per trial
-    space: dict  # name -> FloatRange | Choices | Fixed, for each name of DEFAULT_SPACE
-    trials: int  # finished (complete or pruned) trials the study should hold
-    output: str | None = None  # default: evaluation/tune/<study name>
-    storage: str | None = None  # default: an SQLite file in the output folder
-    study_name: str | None = None  # default: Task<name>_<student>
-    sampler_seed: int = 0
-    prune: bool = True
-    prune_warmup: int | None = None  # epochs every trial trains before it may be pruned; default a quarter
-    confirm_seeds: tuple[int, ...] = ()  # retrain tuned and default settings with these seeds, test both
-
-
 def run_tuning(plan: TunePlan) -> str:
     """Run the trials the study lacks, then write its results; returns the summary (markdown)."""
     task = load_task_config(plan.settings.task)
@@ -210,7 +195,7 @@ def run_tuning(plan: TunePlan) -> str:
     settings = dataclasses.replace(plan.settings, student_model=student, resume=None, run="")
     plan = dataclasses.replace(plan, settings=settings)
     name = plan.study_name or f"Task{task.name}_{student}"
-    out = Path(plan.output) if plan.output else Path("evaluation") / "tune" / name
+    out = Path(plan.output_dir) if plan.output_dir else Path("evaluation") / "tune" / name
     if plan.storage is None:
         out.mkdir(parents=True, exist_ok=True)
     study = open_study(plan.storage or f"sqlite:///{out / 'study.db'}", name, plan)
@@ -388,10 +373,10 @@ def objective(trial: optuna.Trial, plan: TunePlan, task: TaskConfig, out: Path) 
     values = {name: param.suggest(trial, name) for name, param in plan.space.items()}
     settings = dataclasses.replace(plan.settings, **values, run=f"trial{trial.number}",
                                    output_dir=str(out / "trials"))
-    run_dir = Path(settings.output_dir) / run_name(task.name, settings.student_model, settings.temperature,
-                                                   settings.alpha, settings.run)
     trial.set_user_attr("settings", values)
-    trial.set_user_attr("run_dir", run_dir.relative_to(out).as_posix())
+
+    def record_run(run_dir: Path) -> None:  # the folder this trial trains in, whatever else `trials/` holds
+        trial.set_user_attr("run_dir", run_dir.relative_to(out).as_posix())
 
     def report_epoch(row: dict) -> None:
         trial.report(row["val_acc"], row["epoch"])
@@ -400,7 +385,8 @@ def objective(trial: optuna.Trial, plan: TunePlan, task: TaskConfig, out: Path) 
 
     started = time.perf_counter()
     try:
-        train_student(settings, hooks=RunHooks(on_epoch=report_epoch, score_test=False, quiet=True))
+        run_dir = train_student(settings, hooks=RunHooks(on_start=record_run, on_epoch=report_epoch,
+                                                         score_test=False, quiet=True))
     except NonFiniteLoss as err:  # a diverged run is a hopeless one: the sampler learns from it
         raise optuna.TrialPruned(str(err)) from None
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the next run of the search repeats this trial
@@ -460,7 +446,7 @@ def report(study: optuna.Study, plan: TunePlan, task: TaskConfig, out: Path) -> 
                                          trial_settings(plan, default_values(plan.space)), plan.confirm_seeds,
                                          out / "confirm")
     atomic_write(out / "best.yaml", lambda tmp: Path(tmp).write_text(yaml.safe_dump(result, sort_keys=False)))
-    summary = format_summary(result, plan, out)
+    summary = format_tuning_summary(result, plan, out)
     atomic_write(out / "summary.md", lambda tmp: Path(tmp).write_text(summary))
     return summary
 
@@ -510,9 +496,9 @@ def trial_settings(plan: TunePlan, values: dict) -> TrainSettings:
 
 def test_accuracy(run_dir: Path, settings: TrainSettings) -> float:
     """The test accuracy of a run's best-validation student."""
-    model, task, _ = open_run_student(run_dir)
+    model, record, _ = open_run_student(run_dir)
     precision = select_precision(select_device(settings.device), settings.amp)
-    test = load_data(task, settings).test.batches(EVAL_BATCH_SIZE, precision.device)
+    test = load_data(record.task, record.settings).test.batches(EVAL_BATCH_SIZE, precision.device)
     return evaluate(model.to(precision.device), test, precision)["acc"]
 
 
@@ -523,7 +509,7 @@ def ensure_run(settings: TrainSettings, folder: Path, run: str) -> Path:
     task = load_task_config(settings.task)
     run_dir = folder / run_name(task.name, settings.student_model, settings.temperature, settings.alpha, run)
     if run_dir.is_dir():
-        if "test_acc" in run_metadata(run_dir) and read_run_settings(run_dir) == settings:
+        if "test_acc" in run_metadata(run_dir) and read_record(run_dir).settings == settings:
             return run_dir
         shutil.rmtree(run_dir)
     return train_student(settings, hooks=RunHooks(quiet=True))
@@ -557,24 +543,6 @@ def _state_counts(trials: list[FrozenTrial]) -> dict:
     return counts
 
 
-def train_command(settings: TrainSettings) -> str:
-    """The train.py command line that trains `settings`: every setting that differs from the defaults."""
-    defaults, parts = TrainSettings(), ["python", "train.py"]
-    for field in dataclasses.fields(TrainSettings):
-        value = getattr(settings, field.name)
-        if field.name in ("run", "output_dir", "resume") or value == getattr(defaults, field.name):
-            continue
-        if field.name == "task":
-            parts += ["--task", value] if value in ("A", "B") else ["--config", value]
-        elif isinstance(value, bool):
-            parts.append(f"--{field.name}" if value else f"--no-{field.name}")
-        elif isinstance(value, (list, tuple)):
-            parts += [f"--{field.name}", *map(str, value)]
-        elif value is not None:
-            parts += [f"--{field.name}", str(value)]
-    return shlex.join(parts)
-
-
 def write_trials_csv(trials: list[FrozenTrial], path: Path) -> None:
     names = list(DEFAULT_SPACE)
     text = io.StringIO()
@@ -593,7 +561,7 @@ def _blank(value) -> object:
     return "" if value is None else value
 
 
-def format_summary(result: dict, plan: TunePlan, out: Path) -> str:
+def format_tuning_summary(result: dict, plan: TunePlan, out: Path) -> str:
     best, defaults, counts = result["best"], result.get("defaults"), result["trials"]
     seed = plan.settings.seed
     lines = [f"# Tuning {result['study']}", "",
