@@ -61,3 +61,22 @@ def test_a_builtin_config_by_path_is_the_same_task_as_its_letter():
     by_path = load_task_config(str(ROOT / "configs" / "task_b.yaml"))
     assert by_path == load_task_config("B")
     assert by_path.teacher_checkpoint(by_path.teachers[0]) == ROOT / "teachers" / "TaskB" / "resnet18.safetensors"
+
+
+def test_every_script_names_its_output_folder_output_dir_and_still_takes_output():
+    import tune
+    from tests.conftest import load_benchmark
+
+    study = load_benchmark("kd_study")
+    for parser in (tune.get_args_parser(), study.get_args_parser()):
+        assert parser.parse_args(["--output_dir", "x"]).output_dir == "x"
+        assert parser.parse_args(["--output", "y"]).output_dir == "y"  # the name of release 0.2
+
+
+def test_kd_study_takes_train_pys_flags_as_train_py_defines_them():
+    from tests.conftest import load_benchmark
+
+    study = load_benchmark("kd_study").get_args_parser()
+    assert study.parse_args(["--alpha", "0"]).alpha == 0.0  # typed as train.py's (the study refuses it itself)
+    with pytest.raises(SystemExit):
+        study.parse_args(["--task", "A", "--config", "x.yaml"])  # one task source, as in train.py

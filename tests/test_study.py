@@ -209,3 +209,10 @@ def test_mixup_is_refused_with_cached_arms_before_any_run():
     with pytest.raises(UserError, match="--set mixup needs the teachers online, but arm 'uniform' replays"):
         check_plan(plan)
     check_plan(dataclasses.replace(plan, arms=("alpha0", "uniform_online")))
+
+
+def test_alpha_0_is_refused_for_the_kd_arms_before_any_run():
+    plan = StudyPlan("A", students=("MobileNetV3",), arms=("alpha0", "uniform"), settings={"alpha": 0.0})
+    with pytest.raises(UserError, match="--alpha 0 would make every KD arm a copy of alpha0"):
+        check_plan(plan)
+    check_plan(dataclasses.replace(plan, arms=("alpha0",)))

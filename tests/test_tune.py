@@ -10,18 +10,20 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 import yaml
 from optuna.trial import TrialState
 
-from kd.experiments import tuning
 import train
 import tune
-from kd.errors import Terminated, UserError, run_cli
-from kd.settings import TrainSettings
+from kd.checkpoint import load_weights, save_weights
 from kd.cli import train_command
+from kd.errors import Terminated, UserError, run_cli
+from kd.experiments import tuning
 from kd.experiments.tune_plan import TunePlan
 from kd.experiments.tuning import DEFAULT_SPACE, Choices, FloatRange, Fixed, load_search_space, retry_of
 from kd.record import read_record
+from kd.settings import TrainSettings
 from tests.conftest import ROOT, signal_when, write_task
 
 STUDY = "TaskT_MobileNetV3"  # the default study name of the tiny task and this student
@@ -146,10 +148,17 @@ def test_a_search_prunes_a_hopeless_trial_continues_on_rerun_and_reports(tmp_pat
 @pytest.mark.slow
 def test_a_new_study_starts_with_the_defaults_and_reports_them_beside_the_best(tmp_path, capsys):
     config, out = write_task(tmp_path), tmp_path / "out"
+    # a folder left by an earlier study under the name trial 0's run gets: the new trial must not score it
+    leftover = out / "trials" / "TaskT_MobileNetV3_T2.0_a0.0_trial0"
+    leftover.mkdir(parents=True)
+    save_weights(torch.nn.Linear(1, 1), leftover / "student.safetensors", {"val_acc": 0.999})
     # alpha fixed at 0 (labels only: no teachers needed), the other settings searched
     tune.main([*tune_args(config, out, "--num_epochs", "1"), "--alpha", "0", "--trials", "2", "--confirm_seeds", "1"])
     study = optuna.load_study(study_name=STUDY, storage=sqlite(out))
     defaults = study.trials[0]
+    assert defaults.user_attrs["run_dir"] == "trials/TaskT_MobileNetV3_T2.0_a0.0_trial0-2"
+    own = load_weights(out / defaults.user_attrs["run_dir"] / "student.safetensors")[1]["val_acc"]
+    assert defaults.value == own != 0.999
     assert defaults.user_attrs["role"] == "defaults"
     assert defaults.params == {"temperature": 2.0, "lr": 0.001, "weight_decay": 0.0005, "teacher_weighting": "uniform"}
     assert defaults.user_attrs["settings"] == {**defaults.params, "alpha": 0.0}
