@@ -33,7 +33,8 @@ def _small_threads():
 
 
 def tiny_task_raw(checkpoint_dir: Path, classes=("a", "b", "c"), size=8) -> dict:
-    """A task config mapping with two tiny teachers of different families."""
+    """A task config mapping with two tiny teachers of different families (timm's test models: a few
+    thousand parameters, so the run machinery, not arithmetic, is what the tests spend their time on)."""
     return {
         "name": "T",
         "description": "synthetic",
@@ -42,10 +43,10 @@ def tiny_task_raw(checkpoint_dir: Path, classes=("a", "b", "c"), size=8) -> dict
         "normalization": {"mean": [0.5], "std": [0.25]},
         "augment": {"crop_padding": 1, "hflip": False},
         "teachers": [
-            {"name": "resnet", "arch": "resnet10t", "checkpoint": str(checkpoint_dir / "resnet10t.safetensors"),
+            {"name": "resnet", "arch": "test_resnet", "checkpoint": str(checkpoint_dir / "resnet.safetensors"),
              "recipe": {"epochs": 1, "batch_size": 16}},
-            {"name": "mobile", "arch": "mobilenetv3_small_050",
-             "checkpoint": str(checkpoint_dir / "mnv3.safetensors"), "recipe": {"epochs": 1, "batch_size": 16}},
+            {"name": "effnet", "arch": "test_efficientnet",
+             "checkpoint": str(checkpoint_dir / "effnet.safetensors"), "recipe": {"epochs": 1, "batch_size": 16}},
         ],
     }
 

@@ -14,11 +14,10 @@ from kd.checkpoint import load_weights, save_weights
 from kd.config import load_task_config
 from kd.errors import UserError
 from kd.evaluation import evaluate_task
-from kd.export import export_student
 from kd.models import create_model
 from kd.record import RunRecord, find_runs, newest_run, open_run_student, read_record, resume_target, write_record
 from kd.speed import SpeedSettings
-from kd.students import student_build
+from kd.students import student_build, with_stride_reduction
 from tests.conftest import run_in_process, write_task
 
 FAST_SPEED = SpeedSettings(warmup=0, runs=1, throughput_batch=4)
@@ -40,9 +39,9 @@ def test_a_run_is_rebuilt_as_trained_after_its_task_yaml_changed(tmp_path, tiny_
     and compute something else. The record keeps the run's own network, teachers and data."""
     config = write_task(tmp_path, tiny_teachers)
     edit_yaml(config, lambda raw: raw.update(student_stride_reduction={"MobileNetV3": 2}))
-    run_dir = run_in_process(train_args(config, tmp_path / "runs", "--num_epochs", "3", "--batch_size", "32"), capsys)
+    run_dir = run_in_process(train_args(config, tmp_path / "runs", "--batch_size", "32", "--lr", "0.005"), capsys)
     recorded_test_acc = load_weights(run_dir / "student.safetensors")[1]["test_acc"]
-    assert recorded_test_acc > 0.3  # well above chance: another network would score otherwise
+    assert recorded_test_acc > 0.2  # twice chance: another network would score otherwise
 
     def edit(raw):
         raw["student_stride_reduction"] = {"MobileNetV3": 0}
@@ -55,19 +54,27 @@ def test_a_run_is_rebuilt_as_trained_after_its_task_yaml_changed(tmp_path, tiny_
     results = evaluate_task(str(config), runs_root=tmp_path / "runs", output_dir=tmp_path / "eval", device="cpu",
                             speed=FAST_SPEED)
     assert results["student"]["accuracy"] == pytest.approx(recorded_test_acc, abs=1e-6)  # fp32 as recorded
-    assert set(results["teachers"]) == {"resnet", "mobile"}  # the teachers it distilled, not the YAML's one
-    assert export_student(run_dir, tmp_path / "export").parity_images > 0
-    resumed = run_in_process(train_args(config, tmp_path / "runs", "--num_epochs", "4", "--resume", str(run_dir)),
+    assert set(results["teachers"]) == {"resnet", "effnet"}  # the teachers it distilled, not the YAML's one
+    student, _, _ = open_run_student(run_dir)  # what export and predict load (their own tests: test_custom_task.py)
+    assert final_map(student) == final_map(student_build("MobileNetV3", with_stride_reduction(
+        load_task_config(str(config)), "MobileNetV3", 2)).create())
+    resumed = run_in_process(train_args(config, tmp_path / "runs", "--num_epochs", "2", "--resume", str(run_dir)),
                              capsys)
-    assert resumed == run_dir and len((run_dir / "metrics.csv").read_text().splitlines()) == 5
+    assert resumed == run_dir and len((run_dir / "metrics.csv").read_text().splitlines()) == 3
     assert read_record(run_dir).model.stride_reduction == 2
+
+
+def final_map(student) -> int:
+    """The side of the student's last feature map on a 32 px probe, where one and two halvings differ."""
+    with torch.no_grad():
+        return student.backbone.forward_features(torch.zeros(1, 1, 32, 32)).shape[-1]
 
 
 def test_resume_stops_in_one_line_when_a_teacher_it_distils_changed(tmp_path, tiny_teachers, capsys, monkeypatch):
     config = write_task(tmp_path, tiny_teachers)
     run_dir = run_in_process(train_args(config, tmp_path / "runs"), capsys)
-    retrained = tmp_path / "teachers" / "resnet10t.safetensors"
-    save_weights(create_model("resnet10t", 10, 1, [0.5], [0.25]), retrained, {"arch": "resnet10t"})
+    retrained = tmp_path / "teachers" / "resnet.safetensors"
+    save_weights(create_model("test_resnet", 10, 1, [0.5], [0.25]), retrained, {"arch": "test_resnet"})
     monkeypatch.setattr("kd.training.run_training", must_not_start)
     with pytest.raises(UserError, match=f"teacher resnet's checkpoint {retrained} changed since the run started"):
         train.main(train_args(config, tmp_path / "runs", "--num_epochs", "2", "--resume", str(run_dir)))
@@ -76,9 +83,13 @@ def test_resume_stops_in_one_line_when_a_teacher_it_distils_changed(tmp_path, ti
         train.main(train_args(config, tmp_path / "runs", "--num_epochs", "2", "--resume", str(run_dir)))
 
 
-def test_weights_built_otherwise_than_their_run_are_refused(tmp_path, tiny_teachers, capsys):
-    config = write_task(tmp_path, tiny_teachers)
+def test_the_stride_flag_is_recorded_and_weights_built_otherwise_than_their_run_are_refused(tmp_path, capsys):
+    config = write_task(tmp_path)  # 8 px: one halving unless told otherwise
     halved = run_in_process(train_args(config, tmp_path / "runs", "--stride_reduction", "2", "--alpha", "0"), capsys)
+    record = read_record(halved)
+    assert record.model.stride_reduction == 2 and record.task.student_stride_reduction == {"MobileNetV3": 2}
+    assert final_map(open_run_student(halved)[0]) == 4  # 32 px probe: 32x -> 16x -> 8x downsampling
+    assert load_task_config(str(config)).student_stride_reduction == {}  # the task config itself is untouched
     plain = run_in_process(train_args(config, tmp_path / "runs", "--stride_reduction", "0", "--alpha", "0"), capsys)
     with pytest.raises(UserError, match=r"built otherwise .*stride_reduction 0 \(the run's: 2\)"):
         open_run_student(halved, plain / "student.safetensors")
@@ -146,10 +157,10 @@ def test_an_output_folder_that_cannot_be_made_is_found_before_the_teachers_train
 
 def test_an_unreadable_teacher_file_is_found_before_a_missing_one_trains(tmp_path, tiny_teachers, no_training):
     config = write_task(tmp_path, tiny_teachers)
-    (tmp_path / "teachers" / "mnv3.safetensors").write_bytes(b"not a checkpoint")
-    (tmp_path / "teachers" / "resnet10t.safetensors").unlink()
+    (tmp_path / "teachers" / "effnet.safetensors").write_bytes(b"not a checkpoint")
+    (tmp_path / "teachers" / "resnet.safetensors").unlink()
     stops_at_once(["--config", str(config), "--device", "cpu", "--output_dir", str(tmp_path / "runs")],
-                  "mnv3.safetensors is not a readable safetensors file")
+                  "effnet.safetensors is not a readable safetensors file")
 
 
 def test_a_resume_target_without_a_checkpoint_is_found_before_any_work(tmp_path, no_training):

@@ -174,7 +174,7 @@ def test_study_records_summarises_and_resumes(tmp_path, tiny_teachers, capsys, m
         assert f"s{seed} {acc['uniform', seed] - acc['alpha0', seed]:+.2f}" in summary
     assert f"| uniform | {statistics.fmean([acc['uniform', 1], acc['uniform', 2]]):.2f} ± " in summary
     teachers = json.loads((out / "teachers.json").read_text())
-    assert set(teachers["teachers"]) == {"resnet", "mobile"}
+    assert set(teachers["teachers"]) == {"resnet", "effnet"}
     task = load_task_config(argv[1])
     test = load_task_data(task).test
     with torch.no_grad():  # the ensemble's rule, computed here from the teachers' outputs

@@ -38,14 +38,14 @@ def test_wrong_class_count_fails_clearly(tiny_task):
 
 
 def test_wrong_architecture_fails_clearly(tiny_task):
-    resnet, mobile = tiny_task.teachers
-    save_weights(build_teacher(mobile, tiny_task), tiny_task.teacher_checkpoint(resnet), {})
+    resnet, effnet = tiny_task.teachers
+    save_weights(build_teacher(effnet, tiny_task), tiny_task.teacher_checkpoint(resnet), {})
     with pytest.raises(UserError, match="does not fit this architecture"):
         load_teacher(resnet, tiny_task)
 
 
 def test_missing_checkpoint_is_named(tiny_task):
-    with pytest.raises(UserError, match="checkpoint not found.*resnet10t.safetensors"):
+    with pytest.raises(UserError, match="checkpoint not found.*resnet.safetensors"):
         load_teacher(tiny_task.teachers[0], tiny_task)
 
 
