@@ -6,7 +6,7 @@ import sys
 
 from kd.cli import ArgumentParser, add_training_arguments, given_options
 from kd.errors import run_cli
-from kd.settings import TrainSettings, unused_teacher_weights
+from kd.settings import TrainSettings, settings_problem
 
 DEFAULTS = TrainSettings()
 
@@ -39,7 +39,7 @@ def main(argv: list[str]) -> None:
     options["task"] = options.pop("config") or options["task"]
     teachers_only = options.pop("teachers_only")
     settings = TrainSettings(**options)
-    if problem := unused_teacher_weights(settings):
+    if problem := settings_problem(settings):
         parser.error(problem)
     if teachers_only:
         run_dir = train_teachers(settings)

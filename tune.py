@@ -16,7 +16,7 @@ import sys
 from kd.cli import ArgumentParser, add_output_dir, add_training_arguments, given_options, positive_int
 from kd.errors import run_cli
 from kd.experiments.tune_plan import TunePlan
-from kd.settings import TrainSettings, unused_teacher_weights
+from kd.settings import TrainSettings, settings_problem
 
 SEARCH_FLAGS = ("trials", "search_space", "storage", "study_name", "output_dir", "sampler_seed", "pruner",
                 "prune_warmup", "confirm_seeds")
@@ -59,7 +59,7 @@ def main(argv: list[str]) -> None:
     options["task"] = options.pop("config") or options["task"]
     given = given_options(parser, argv)
     settings = TrainSettings(**options)
-    if problem := unused_teacher_weights(settings):
+    if problem := settings_problem(settings):
         parser.error(problem)
     space = load_search_space(search["search_space"], {name: options[name] for name in DEFAULT_SPACE if name in given})
     plan = TunePlan(settings=settings, space=space, trials=search["trials"], output_dir=search["output_dir"],

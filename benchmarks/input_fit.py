@@ -25,7 +25,7 @@ import torch
 from kd.config import load_task_config
 from kd.data import Batches, Split, load_task_data
 from kd.engine import fit, seed_everything, select_precision, train_one_epoch
-from kd.losses import KDLoss
+from kd.distillers.kd import KD
 from kd.models import create_model
 from kd.settings import STUDENT_ARCHS
 
@@ -62,7 +62,7 @@ def final_map(model, size: int) -> int:
 
 
 PRECISION = select_precision(torch.device("cpu"), amp=False)
-CRITERION = KDLoss(1.0, 0.0)  # labels only
+CRITERION = KD(1.0, 0.0)  # labels only
 
 
 def new_model(arch: str, task, halved: int):

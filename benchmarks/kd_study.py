@@ -19,7 +19,8 @@ import argparse
 
 from kd.cli import ArgumentParser, add_output_dir, add_training_arguments, canonical_student
 from kd.errors import run_cli
-from kd.experiments.study import ARMS, BUDGET_FLAGS, DEFAULT_SEEDS, StudyPlan, budget_settings, parse_overrides, run_study
+from kd.experiments.study import (ARMS, BUDGET_FLAGS, DEFAULT_SEEDS, StudyPlan, budget_settings, parse_overrides,
+                                  run_study)
 from kd.runs import setup_logging
 from kd.settings import STUDENT_ARCHS
 

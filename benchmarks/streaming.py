@@ -32,7 +32,7 @@ from kd.cache import DiskViews
 from kd.config import load_task_config
 from kd.data import Split, load_task_data
 from kd.engine import Precision, train_one_epoch
-from kd.losses import KDLoss
+from kd.distillers.kd import KD
 from kd.students import build_student
 
 CLASSES = 10
@@ -117,7 +117,7 @@ def student_step(task, student_model: str, teachers=None):
     torch.manual_seed(0)
     student = build_student(student_model, task).to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(student.parameters(), lr=1e-3)
-    criterion, precision = KDLoss(2.0, 0.5 if teachers else 0.0), Precision(torch.device("cpu"), None)
+    criterion, precision = KD(2.0, 0.5 if teachers else 0.0), Precision(torch.device("cpu"), None)
     return lambda batch: train_one_epoch(student, [batch], optimizer, criterion, precision, teachers, progress=False)
 
 

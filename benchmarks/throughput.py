@@ -1,7 +1,8 @@
 """Training throughput: labels only vs KD with online teachers vs KD from the teacher-logit cache.
 
 Prints images/s for (a) the student trained on labels only, (b) KD with all teachers run online,
-(c) KD from the cache, (d) the data path alone, their ratios, and the time of a sweep of
+(c) KD from the cache, and every other distillation method from the cache (its step's cost against
+(c)), (d) the data path alone, their ratios, and the time of a sweep of
 `--sweep_runs` x `--sweep_epochs` student trainings with and without the cache (the cache's build
 included), plus the validation accuracy of online and cached KD from the same seed.
 
@@ -22,7 +23,8 @@ from kd.cache import TeacherLogitCache, teacher_identity
 from kd.config import load_task_config
 from kd.data import Batches, Split, load_task_data
 from kd.engine import evaluate, fit, online_teachers, select_device, select_precision, train_one_epoch
-from kd.losses import KDLoss
+from kd.distillers import METHODS, make_distiller
+from kd.distillers.kd import KD
 from kd.students import build_student
 from kd.teachers import TeacherEnsemble, build_teacher, load_teacher, teacher_build
 
@@ -74,7 +76,8 @@ def timed(fn) -> tuple[object, float]:
 class StudentTrainer:
     """A fresh student with its optimizer, warmed up, that times one training epoch at a time."""
 
-    def __init__(self, args, task, batches, precision, alpha, teachers, channels_last=True, compiled=False):
+    def __init__(self, args, task, batches, precision, alpha, teachers, channels_last=True, compiled=False,
+                 method="kd"):
         torch.manual_seed(0)
         self.student = build_student(args.student_model, task).to(precision.device)
         if channels_last:
@@ -82,7 +85,7 @@ class StudentTrainer:
         self.optimizer = torch.optim.Adam(self.student.parameters(), lr=1e-3)
         self.model = torch.compile(self.student) if compiled else self.student
         self.batches, self.precision, self.teachers = batches, precision, teachers
-        self.criterion = KDLoss(2.0, alpha)
+        self.criterion = make_distiller(method, (), temperature=2.0, alpha=alpha)
         self.epoch_seconds()  # warm-up (and compilation)
 
     def epoch_seconds(self) -> float:
@@ -119,7 +122,7 @@ def sweep(args, task, train, val, precision, teachers) -> tuple[float, list[floa
         optimizer = torch.optim.Adam(student.parameters(), lr=1e-3 * (1 + run % 3))
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 30)
         fit(student, train, val, optimizer=optimizer, scheduler=scheduler, epochs=args.sweep_epochs,
-            criterion=KDLoss(2.0 + run, 0.3 + 0.1 * run), precision=precision, teachers=teachers,
+            criterion=KD(2.0 + run, 0.3 + 0.1 * run), precision=precision, teachers=teachers,
             desc=f"sweep run {run + 1}/{args.sweep_runs}")
         accuracies.append(evaluate(student, val, precision)["acc"])
     return time.perf_counter() - started, accuracies
@@ -153,6 +156,8 @@ def main(args) -> None:
             "c": StudentTrainer(args, task, pooled, precision, 0.5, cache),
             "e": StudentTrainer(args, task, fresh, precision, 0.0, None, channels_last=False),
             "f": StudentTrainer(args, task, fresh, precision, 0.0, None, compiled=True),
+            **{f"c {name}": StudentTrainer(args, task, pooled, precision, 0.5, cache, method=name)
+               for name in METHODS if name != "kd"},
         }
         rates = {**best_rates(trainers, rounds=3 if args.quick else 2), "d": data_path_rate(pooled)}
         online_sweep, online_acc = sweep(args, task, fresh, val, precision, online_teachers(ensemble))
@@ -170,6 +175,10 @@ def report(args, task, device, precision, kind, n, rates, build, online_sweep, c
               "d": "data path alone", "e": "(a) without channels_last", "f": "(a) with torch.compile"}
     for key, label in labels.items():
         print(f"  ({key}) {label:24s} {rates[key]:10.0f} images/s  ({rates[key] / rates['a']:.2f}x (a))")
+    for name in METHODS:
+        if name != "kd":
+            rate = rates[f"c {name}"]
+            print(f"  (c) --kd_loss {name:10s}    {rate:10.0f} images/s  ({rates['c'] / rate:.3f}x the time of (c))")
     print(f"  ratios: b/a = {rates['a'] / rates['b']:.2f}x the time, c/a = {rates['a'] / rates['c']:.3f}x the time, "
           f"data path {rates['d'] / rates['a']:.0f}x faster than the labels-only step")
     print(f"  cache build: {args.views} views x {n} images x {len(task.teachers)} teachers in {build:.1f}s")

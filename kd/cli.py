@@ -8,6 +8,7 @@ import shlex
 from collections.abc import Collection
 
 from kd.config import MAX_STRIDE_REDUCTION, STORAGES
+from kd.distillers import METHODS
 from kd.errors import UserError
 from kd.settings import LR_SCHEDULES, OPTIMIZERS, WEIGHTING_SCHEMES, TrainSettings, canonical_student_name
 
@@ -160,6 +161,12 @@ def add_training_arguments(p: argparse.ArgumentParser, names: Collection[str] | 
     add("--dist_timeout", type=positive_float, default=DEFAULTS.dist_timeout, metavar="MINUTES",
                    help="torchrun: how long a process waits for the others at a collective (process 0 computing "
                         "a view of the logit cache, a slow epoch) before the run fails with an error")
+    add("--kd_loss", default=DEFAULTS.kd_loss, choices=list(METHODS),
+        help="the distillation method: " + "; ".join(f"{name}: {m.summary}" for name, m in METHODS.items()))
+    add("--kd_params", nargs="+", default=DEFAULTS.kd_params, metavar="NAME=VALUE",
+        help="the method's own parameters (the rest at their defaults): " + "; ".join(
+            f"{name}: " + ", ".join(f"{p} (default {spec.default:g}: {spec.help})" for p, spec in m.params.items())
+            for name, m in METHODS.items() if m.params))
     add("--mixup", type=bounded_float(0.0), default=DEFAULTS.mixup, metavar="A",
                    help="blend each training batch with a shuffled copy by lam ~ Beta(A, A), labels too; the "
                         "teachers run online on the blended images (function matching). 0: off; 0.2-1 usual")

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from kd.batches import Batch
 from kd.distributed import reduce_sum
 from kd.errors import UserError
-from kd.losses import KDLoss
+from kd.distillers.base import Distiller
 
 log = logging.getLogger("kd")
 EVAL_BATCH_SIZE = 512  # validation and test batches: no gradients, so larger than training's
@@ -125,7 +125,7 @@ class Mixup:
 
 
 def train_one_epoch(model: nn.Module, batches: Iterable[Batch], optimizer: torch.optim.Optimizer,
-                    criterion: KDLoss, precision: Precision, teachers: TeacherLogits | None = None,
+                    criterion: Distiller, precision: Precision, teachers: TeacherLogits | None = None,
                     desc: str = "train", progress: bool = True, mixup: Mixup | None = None) -> dict[str, float]:
     """One pass over `batches`; returns sample-mean loss, ce, kd, accuracy and teacher weights over the
     steps whose loss was finite, and how many steps were not (`skipped`). With `mixup`, every batch is
@@ -186,7 +186,7 @@ def evaluate(model: nn.Module, batches: Iterable, precision: Precision) -> dict[
 EpochCallback = Callable[[dict], None]
 
 
-def fit(model: nn.Module, train_batches, val_batches, *, optimizer, scheduler, criterion: KDLoss,
+def fit(model: nn.Module, train_batches, val_batches, *, optimizer, scheduler, criterion: Distiller,
         epochs: int, precision: Precision, teachers: TeacherLogits | None = None,
         teacher_names: Sequence[str] = (), start_epoch: int = 0, on_epoch: EpochCallback | None = None,
         desc: str = "", progress: bool = True, mixup: Mixup | None = None) -> list[dict]:

@@ -26,7 +26,7 @@ from kd.config import TaskConfig, load_task_config
 from kd.data import Split, TaskData, load_task_data
 from kd.engine import EVAL_BATCH_SIZE, Precision, collect_logits, select_device
 from kd.errors import UserError, run_cli
-from kd.losses import compute_teacher_weights, teacher_target
+from kd.distillers import make_distiller
 from kd.models import count_parameters
 from kd.report import format_task_result, write_json
 from kd.runs import read_metrics, setup_logging
@@ -38,7 +38,7 @@ from kd.teachers import load_teachers
 
 log = logging.getLogger("kd")
 FIGURES = ("sample_predictions.png", "confusion_matrix.png", "training_curves.png", "student_vs_teachers.png")
-RUN_SETTINGS = ("student_model", "temperature", "alpha", "teacher_weighting")
+RUN_SETTINGS = ("student_model", "temperature", "alpha", "teacher_weighting", "kd_loss", "kd_params")
 
 
 def select_run(task: TaskConfig, runs_root, hint: str, run_dir=None, checkpoint=None) -> tuple[RunRecord, Path]:
@@ -73,11 +73,12 @@ def run_teachers(record: RunRecord, live: TaskConfig, hint: str) -> dict[str, nn
     return dict(zip([t.name for t in task.teachers], load_teachers(task).models))
 
 
-def ensemble_probabilities(teacher_logits: torch.Tensor, labels: torch.Tensor, scheme: str,
-                           temperature: float, fixed_weights) -> torch.Tensor:
-    """The teachers' combined target p_T (N, C), weighted exactly as in training."""
-    weights = compute_teacher_weights(scheme, teacher_logits, labels, temperature, fixed_weights)
-    return teacher_target(teacher_logits, temperature, weights)
+def ensemble_probabilities(teacher_logits: torch.Tensor, labels: torch.Tensor, settings: TrainSettings,
+                           fixed_weights) -> torch.Tensor:
+    """The teachers' combined target (N, C), formed and weighted exactly as the run's method trained on it."""
+    distiller = make_distiller(settings.kd_loss, settings.kd_params, temperature=settings.temperature,
+                               alpha=settings.alpha, weighting=settings.teacher_weighting, fixed_weights=fixed_weights)
+    return distiller.teacher_probabilities(teacher_logits, labels)
 
 
 def evaluate_task(task: str, run_dir=None, checkpoint=None, device: str = "auto", output_dir=None,
@@ -161,9 +162,8 @@ def score_ensemble(config: TaskConfig, settings: TrainSettings, logits: dict, la
     names = [f"teacher {t.name}" for t in config.teachers]
     # the run's --teacher_weights where it was given them, else the config's, as in training
     fixed = settings.teacher_weights or [t.weight for t in config.teachers]
-    probs = ensemble_probabilities(torch.stack([logits[n] for n in names]), labels, settings.teacher_weighting,
-                                   settings.temperature, fixed)
-    return {"weighting": settings.teacher_weighting, "temperature": settings.temperature,
+    probs = ensemble_probabilities(torch.stack([logits[n] for n in names]), labels, settings, fixed)
+    return {"weighting": settings.teacher_weighting, "temperature": settings.temperature, "kd_loss": settings.kd_loss,
             **({"weights": list(fixed)} if settings.teacher_weighting == "fixed" else {}),
             # the 'confidence' scheme weighs teachers by their loss on the true label: an optimistic number
             "weights_use_true_labels": settings.teacher_weighting == "confidence",

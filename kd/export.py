@@ -76,8 +76,8 @@ def export_student(run_dir=None, output_dir=None, checkpoint=None) -> ExportResu
         for path in (onnx_path, torchscript_path):
             os.replace(path, out / path.name)
     sizes = {str(path): path.stat().st_size for path in (weights, out / ONNX_FILE, out / TORCHSCRIPT_FILE)}
-    return ExportResult(out, tuple(images.shape[1:]), record.task.classes, sizes, len(images), tolerance, diffs, agreement,
-                        measure_latency(runtimes, images[:1]))
+    return ExportResult(out, tuple(images.shape[1:]), record.task.classes, sizes, len(images), tolerance, diffs,
+                        agreement, measure_latency(runtimes, images[:1]))
 
 
 def parity_images(record: RunRecord) -> torch.Tensor:

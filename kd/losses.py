@@ -1,4 +1,5 @@
-r"""The multi-teacher knowledge-distillation loss and the teacher-weighting schemes.
+r"""The multi-teacher knowledge-distillation loss (the `kd` method's, kd.distillers.kd) and the teacher-weighting
+schemes every method uses (kd.distillers.base.Distiller).
 
 Contract (alpha is the weight of the teacher term):
 
@@ -24,7 +25,6 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from kd.settings import WEIGHTING_SCHEMES
@@ -107,32 +107,3 @@ def compute_teacher_weights(scheme: str, teacher_logits: torch.Tensor, targets: 
         ce = F.cross_entropy(logits.reshape(k * b, -1), torch.cat([targets] * k), reduction="none").view(k, b)
         return (1 - F.softmax(ce, dim=0)) / (k - 1)
     raise ValueError(f"unknown teacher weighting {scheme!r}; choose one of {', '.join(WEIGHTING_SCHEMES)}")
-
-
-class KDLoss(nn.Module):
-    """The multi-teacher KD loss with a weighting scheme; returns LossParts and the last batch's
-    mean weight per teacher (for logging)."""
-
-    def __init__(self, temperature: float, alpha: float, weighting: str = "uniform",
-                 fixed_weights=None, label_smoothing: float = 0.0):
-        super().__init__()
-        if weighting not in WEIGHTING_SCHEMES:
-            raise ValueError(f"unknown teacher weighting {weighting!r}")
-        self.temperature = temperature
-        self.alpha = alpha
-        self.weighting = weighting
-        self.fixed_weights = fixed_weights
-        self.label_smoothing = label_smoothing
-
-    @property
-    def uses_teachers(self) -> bool:
-        return self.alpha > 0
-
-    def forward(self, student_logits, targets, teacher_logits=None) -> tuple[LossParts, torch.Tensor | None]:
-        weights = None
-        if teacher_logits is not None and self.uses_teachers:
-            weights = compute_teacher_weights(self.weighting, teacher_logits, targets,
-                                              self.temperature, self.fixed_weights)
-        parts = kd_loss_parts(student_logits, teacher_logits, targets, temperature=self.temperature,
-                              alpha=self.alpha, weights=weights, label_smoothing=self.label_smoothing)
-        return parts, None if weights is None else weights.mean(dim=1).detach()

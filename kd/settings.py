@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kd.distillers import method_params
 from kd.errors import UserError
 
 OPTIMIZERS = ("adam", "adamw")
@@ -21,11 +22,17 @@ STUDENT_ARCHS = {
 }
 
 
-def unused_teacher_weights(settings: "TrainSettings") -> str | None:
-    """Why the settings' teacher weights would be silently unused (None: they are used, or not given)."""
+def settings_problem(settings: "TrainSettings") -> str | None:
+    """What is wrong with the settings together, beyond each flag's own range (None: nothing): teacher
+    weights that the weighting would silently leave unused, a distillation method's unknown or bad
+    parameters."""
     if settings.teacher_weights is not None and settings.teacher_weighting != "fixed":
         return (f"--teacher_weights is used only by --teacher_weighting fixed (this run weights the teachers by "
                 f"{settings.teacher_weighting}); add --teacher_weighting fixed or drop the weights")
+    try:
+        method_params(settings.kd_loss, settings.kd_params)
+    except ValueError as err:
+        return str(err)
     return None
 
 
@@ -74,3 +81,5 @@ class TrainSettings:
     stride_reduction: int | None = None  # the student's first downsampling layers halved; None: the task config's
     mixup: float = 0.0  # Beta(a, a) concentration of mixup on every training batch; 0: off
     dist_timeout: float = 30.0  # torchrun: minutes a process waits at a collective before it fails
+    kd_loss: str = "kd"  # the distillation method, a name of kd.distillers.METHODS
+    kd_params: tuple[str, ...] = ()  # the method's own parameters, NAME=VALUE; the others at their defaults

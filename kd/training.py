@@ -29,13 +29,13 @@ from kd.distributed import World, broadcast, init_world, main_process_first, pro
 from kd.engine import (EVAL_BATCH_SIZE, Mixup, Precision, fit, online_teachers, seed_everything, select_device,
                        select_precision)
 from kd.errors import UserError
-from kd.losses import KDLoss
+from kd.distillers import make_distiller
 from kd.models import ModelBuild, count_parameters
 from kd.record import (LAST_CHECKPOINT, RunRecord, check_output_dir, create_run_dir, new_record, read_record,
                        resume_target, run_name, write_record)
 from kd.resume import RunCheckpoints, extend_to, resumed_settings
 from kd.runs import MetricsLog, log_to_file, setup_logging
-from kd.settings import TrainSettings, canonical_student_name, unused_teacher_weights
+from kd.settings import TrainSettings, canonical_student_name, settings_problem
 from kd.students import student_build, with_stride_reduction
 from kd.teachers import TeacherEnsemble, load_teacher, teacher_accuracies, teacher_build
 
@@ -151,6 +151,8 @@ def _session(settings: TrainSettings, quiet: bool = False, task: TaskConfig | No
     """What every training command sets up first: the task (`task`, else the settings'), its data, the
     device and its precision, and the process group under torchrun (shut down on the way out)."""
     task = task or load_task_config(settings.task)
+    if problem := settings_problem(settings):
+        raise UserError(problem)
     fixed_teacher_weights(settings, task)  # wrong weights stop before any training
     device = select_device(settings.device)
     world = init_world(device, settings.dist_timeout)
@@ -300,8 +302,10 @@ def _train_in(run_dir: Path, settings: TrainSettings, task: TaskConfig, trainee:
     optimizer = make_optimizer(settings, model.parameters())
     scheduler = make_scheduler(settings, optimizer)
     val_batches = data.val.batches(EVAL_BATCH_SIZE, device)
-    criterion = KDLoss(settings.temperature, settings.alpha, settings.teacher_weighting,
-                       fixed_weights=fixed_teacher_weights(settings, task), label_smoothing=settings.label_smoothing)
+    criterion = make_distiller(settings.kd_loss, settings.kd_params, temperature=settings.temperature,
+                               alpha=settings.alpha, weighting=settings.teacher_weighting,
+                               fixed_weights=fixed_teacher_weights(settings, task),
+                               label_smoothing=settings.label_smoothing)
 
     checkpoints = RunCheckpoints(run_dir, model, optimizer, scheduler, precision, trainee.role, trainee.metadata)
     metrics = MetricsLog(run_dir) if world.is_main else None
@@ -375,11 +379,8 @@ def make_scheduler(settings: TrainSettings, optimizer) -> torch.optim.lr_schedul
 
 
 def fixed_teacher_weights(settings: TrainSettings, task: TaskConfig) -> list[float]:
-    """The 'fixed' scheme's weights: given ones (one per teacher, not all zero) or the config's.
-    --teacher_weights with another scheme would be silently unused: an error instead."""
+    """The 'fixed' scheme's weights: given ones (one per teacher, not all zero) or the config's."""
     weights = settings.teacher_weights
-    if problem := unused_teacher_weights(settings):
-        raise UserError(problem)
     if weights is None:
         return [t.weight for t in task.teachers]
     if len(weights) != len(task.teachers) or not normalisable(weights):

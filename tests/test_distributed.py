@@ -16,7 +16,7 @@ from kd.data import Batches, Split
 from kd.distributed import init_world, main_process_first, reduce_sum, shutdown
 from kd.engine import Precision, train_one_epoch
 from kd.errors import UserError
-from kd.losses import KDLoss
+from kd.distillers.kd import KD
 from tests.conftest import write_task
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,7 +61,7 @@ def train_an_epoch_without_batchnorm(rank: int, world_size: int, port: int, out:
                       drop_last=True)
     # SGD, not Adam: Adam's update barely changes when the gradient doubles, so it would hide summed gradients.
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    train_one_epoch(trained, batches, optimizer, KDLoss(1.0, 0.0), Precision(torch.device("cpu"), None))
+    train_one_epoch(trained, batches, optimizer, KD(1.0, 0.0), Precision(torch.device("cpu"), None))
     if world.is_main:
         torch.save(model.state_dict(), out)
     shutdown()

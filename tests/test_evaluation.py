@@ -24,6 +24,7 @@ from kd.errors import UserError
 from kd.evaluation import ensemble_probabilities, evaluate_task, main_for_task, task_parser
 from kd.record import RunRecord, load_student
 from kd.report import build_summary, format_evaluation_summary, last_line, task_row
+from kd.settings import TrainSettings
 from kd.speed import Speed, SpeedSettings, measure_speed, sequential_speed
 from kd.students import build_student, student_build, with_stride_reduction
 from kd.teachers import build_teacher
@@ -83,10 +84,14 @@ def test_ece_is_zero_when_confidence_matches_accuracy_and_bins_are_equal_width()
 def test_ensemble_uses_the_training_weighting():
     logits = torch.randn(2, 5, 3)
     labels = torch.zeros(5, dtype=torch.long)
-    uniform = ensemble_probabilities(logits, labels, "uniform", 1.0, None)
+    uniform = ensemble_probabilities(logits, labels, TrainSettings(temperature=1.0), None)
     assert torch.allclose(uniform, logits.softmax(dim=-1).mean(dim=0))
-    only_first = ensemble_probabilities(logits, labels, "fixed", 2.0, [1.0, 0.0])
+    only_first = ensemble_probabilities(logits, labels, TrainSettings(temperature=2.0, teacher_weighting="fixed"),
+                                        [1.0, 0.0])
     assert torch.allclose(only_first, (logits[0] / 2.0).softmax(dim=-1))
+    standardised = ensemble_probabilities(logits, labels, TrainSettings(temperature=1.0, kd_loss="ls"), None)
+    z = (logits - logits.mean(-1, keepdim=True)) / (1e-7 + logits.std(-1, keepdim=True))
+    assert torch.allclose(standardised, z.softmax(dim=-1).mean(dim=0))  # the target the ls method trains on
 
 
 # --- speed ---------------------------------------------------------------------------------------

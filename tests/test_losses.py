@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kd.losses import KDLoss, compute_teacher_weights, multi_teacher_kd_loss, teacher_target
+from kd.distillers.kd import KD
+from kd.losses import compute_teacher_weights, multi_teacher_kd_loss, teacher_target
 
 
 @pytest.fixture
@@ -144,12 +145,12 @@ def test_module_reports_the_contracts_total_and_parts(labels):
     """ce is the hard-label term and kd the T^2-scaled soft term, each as the contract defines it."""
     reference_labels, targets = LABELS[labels]
     student, teachers = torch.tensor(STUDENT), torch.tensor(TEACHERS)
-    parts, weights = KDLoss(2.0, 0.3, "fixed", fixed_weights=[3.0, 1.0])(student, targets, teachers)
+    parts, weights = KD(2.0, 0.3, "fixed", fixed_weights=[3.0, 1.0])(student, targets, teachers)
     expected = {name: contract_loss(reference_labels, [3.0, 1.0], 2.0, alpha)
                 for name, alpha in (("total", 0.3), ("ce", 0.0), ("kd", 1.0))}
     assert {name: getattr(parts, name).item() for name in expected} == pytest.approx(expected, rel=1e-5)
     assert weights.tolist() == pytest.approx([0.75, 0.25])
-    parts, weights = KDLoss(2.0, 0.0)(student, targets, None)  # no teachers: the hard-label loss alone
+    parts, weights = KD(2.0, 0.0)(student, targets, None)  # no teachers: the hard-label loss alone
     assert weights is None and parts.kd.item() == 0.0
     assert parts.total.item() == pytest.approx(expected["ce"], rel=1e-5)
 
@@ -187,7 +188,7 @@ def test_probability_labels_give_the_same_loss_and_weights_as_indices(batch):
     student, teachers, targets = batch
     onehot = F.one_hot(targets, 5).float()
     for scheme in ("uniform", "confidence"):
-        criterion = KDLoss(2.0, 0.4, scheme, label_smoothing=0.1)
+        criterion = KD(2.0, 0.4, scheme, label_smoothing=0.1)
         (by_index, w_index), (by_probs, w_probs) = criterion(student, targets, teachers), \
             criterion(student, onehot, teachers)
         assert torch.allclose(by_index.total, by_probs.total) and torch.allclose(w_index, w_probs)

@@ -114,7 +114,8 @@ def test_the_newest_run_is_the_newest_created_also_after_an_older_one_is_resumed
     assert newest_run("A", tmp_path, "hint").run_dir == newer
     assert resume_target("auto", "TaskA_MobileNetV3_T2.0_a0.6", tmp_path).run_dir == newer
     assert [r.run_dir for r in find_runs(tmp_path, "TaskA_")] == [newer, older]
-    assert read_record(older).settings.num_epochs == 40 and read_record(older).body["created"].startswith("2026-01-01T10")
+    resumed = read_record(older)
+    assert resumed.settings.num_epochs == 40 and resumed.body["created"].startswith("2026-01-01T10")
 
 
 def test_a_run_of_an_earlier_release_without_a_creation_time_is_ordered_by_its_record_file(tmp_path):

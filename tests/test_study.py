@@ -10,7 +10,7 @@ import torch.nn as nn
 from kd.experiments import study
 from kd.checkpoint import load_weights, save_weights
 from kd.experiments.study import (StudyPlan, budget_settings, check_plan, finished_runs, or_dash, parse_overrides,
-                      remove_interrupted_runs, summarize, teachers_key, verdict)
+                      remove_interrupted_runs, summarize, teachers_key, verdict, confidence_interval)
 from kd.config import load_task_config
 from kd.data import load_task_data
 from kd.errors import UserError
@@ -53,11 +53,14 @@ def test_table_numbers_have_no_negative_zero():
 
 
 def test_verdict_rule():
-    assert verdict([0.6, 0.6]) == "gain"
-    assert verdict([0.4, 0.4]) == "within noise"     # consistent but under half a point
-    assert verdict([3.0, -1.0]) == "within noise"    # mean 1.0 under its sd 2.83
-    assert verdict([-0.8, -0.7]) == "loss"
+    # the 95% interval mean +- t(0.975, n-1) sd / sqrt(n); t = 12.71 for 2 pairs, 4.30 for 3
+    assert verdict([0.6, 0.6]) == "gain"             # no spread: the interval is the point 0.6
+    assert verdict([0.4, 0.5]) == "within noise"     # 0.45 +- 0.64: two seeds decide little
+    assert verdict([0.4, 0.5, 0.45]) == "gain"       # 0.45 +- 0.12
+    assert verdict([3.0, -1.0]) == "within noise"    # 1.0 +- 25.4
+    assert verdict([-0.8, -0.7]) == "loss"           # -0.75 +- 0.64
     assert verdict([5.0]) == "within noise"          # one pair has no spread to compare with
+    assert confidence_interval([2.0, 1.5, 1.0]) == pytest.approx((1.5 - 1.2421, 1.5 + 1.2421), abs=1e-4)
 
 
 def test_rows_of_another_budget_or_alpha_are_not_reused_but_alpha0_serves_any_teachers_setting():

@@ -17,7 +17,7 @@ from kd.data import Batches, Split, load_task_data
 from kd.engine import (Mixup, Precision, evaluate, fit, online_teachers, select_device, select_precision,
                        train_one_epoch)
 from kd.errors import UserError
-from kd.losses import KDLoss
+from kd.distillers.kd import KD
 from kd.models import create_model
 from kd.students import build_student
 from kd.record import create_run_dir, run_name
@@ -65,7 +65,7 @@ def test_short_kd_training_learns_the_classes_from_the_weighted_teachers_alone()
     rows = []
     fit(student, Batches(train, 16, "cpu", shuffle=True), Batches(synthetic_split(48, 1), 48, "cpu"),
         optimizer=optimizer, scheduler=torch.optim.lr_scheduler.StepLR(optimizer, 10),
-        criterion=KDLoss(2.0, 1.0, "fixed", fixed_weights=[3.0, 1.0]), epochs=4,
+        criterion=KD(2.0, 1.0, "fixed", fixed_weights=[3.0, 1.0]), epochs=4,
         precision=Precision(torch.device("cpu"), None), teachers=online_teachers(teachers),
         teacher_names=teachers.names, on_epoch=rows.append)
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
@@ -89,7 +89,7 @@ def test_mixup_blends_images_and_labels_alike_and_the_teachers_see_the_blend():
 
     seen = []
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
-    train_one_epoch(model, [batch], torch.optim.SGD(model.parameters(), lr=0.0), KDLoss(2.0, 0.5),
+    train_one_epoch(model, [batch], torch.optim.SGD(model.parameters(), lr=0.0), KD(2.0, 0.5),
                     Precision(torch.device("cpu"), None), teachers=lambda b: seen.append(b.x) or torch.zeros(1, 16, 3),
                     progress=False, mixup=Mixup(0.4, 3))
     assert seen[0].shape == batch.x.shape and not torch.equal(seen[0], batch.x)
@@ -218,7 +218,7 @@ def test_a_non_finite_loss_stops_with_advice_and_keeps_earlier_epochs():
 
     with pytest.raises(UserError, match="NaN or infinite in epoch 2.*last good checkpoint.*lower --lr"):
         fit(model, Batches(synthetic_split(32, 0), 16, "cpu"), Batches(synthetic_split(16, 1), 16, "cpu"),
-            optimizer=optimizer, scheduler=torch.optim.lr_scheduler.StepLR(optimizer, 10), criterion=KDLoss(2.0, 0.0),
+            optimizer=optimizer, scheduler=torch.optim.lr_scheduler.StepLR(optimizer, 10), criterion=KD(2.0, 0.0),
             epochs=3, precision=Precision(torch.device("cpu"), None), on_epoch=poison)
     assert [r["epoch"] for r in rows] == [1]
 
@@ -247,7 +247,7 @@ def test_an_fp16_step_that_overflows_is_skipped_by_the_scaler_and_training_goes_
     scale = precision.scaler.get_scale()
     rows = fit(model, Batches(synthetic_split(48, 0), 16, "cpu"), Batches(synthetic_split(16, 1), 16, "cpu"),
                optimizer=optimizer, scheduler=torch.optim.lr_scheduler.StepLR(optimizer, 10),
-               criterion=KDLoss(2.0, 0.0), epochs=2, precision=precision)
+               criterion=KD(2.0, 0.0), epochs=2, precision=precision)
     assert updates == [1, 3, 4, 5, 6]  # the overflowing step 2 changed no weight
     assert precision.scaler.get_scale() < scale and all(torch.isfinite(torch.tensor(r["train_loss"])) for r in rows)
 
@@ -258,7 +258,7 @@ def test_a_loss_that_stays_non_finite_under_fp16_stops_the_run():
     with pytest.raises(UserError, match="NaN or infinite in epoch 1"):
         fit(model, Batches(synthetic_split(48, 0), 16, "cpu"), Batches(synthetic_split(16, 1), 16, "cpu"),
             optimizer=optimizer, scheduler=torch.optim.lr_scheduler.StepLR(optimizer, 10),
-            criterion=KDLoss(2.0, 0.0), epochs=2, precision=Precision(torch.device("cpu"), torch.float16))
+            criterion=KD(2.0, 0.0), epochs=2, precision=Precision(torch.device("cpu"), torch.float16))
 
 
 def test_the_mixed_precision_path_trains_in_bfloat16_on_the_cpu():
@@ -273,7 +273,7 @@ def test_the_mixed_precision_path_trains_in_bfloat16_on_the_cpu():
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     train, val = Batches(synthetic_split(96, 0), 16, "cpu", shuffle=True), Batches(synthetic_split(48, 1), 48, "cpu")
     rows = fit(model, train, val, optimizer=optimizer, scheduler=torch.optim.lr_scheduler.StepLR(optimizer, 10),
-               criterion=KDLoss(2.0, 0.0), epochs=5, precision=Precision(torch.device("cpu"), torch.bfloat16))
+               criterion=KD(2.0, 0.0), epochs=5, precision=Precision(torch.device("cpu"), torch.bfloat16))
     assert dtypes == {torch.bfloat16}
     assert rows[-1]["train_loss"] < rows[0]["train_loss"] and rows[-1]["val_acc"] > 0.6
 

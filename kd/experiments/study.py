@@ -15,6 +15,7 @@ import glob
 import hashlib
 import io
 import json
+import math
 import re
 import shlex
 import shutil
@@ -28,11 +29,13 @@ import torch
 import yaml
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from scipy.stats import t as student_t
 
 from kd.cache import file_sha256
 from kd.checkpoint import atomic_write, load_weights
 from kd.cli import add_training_arguments
 from kd.config import TASK_CONFIGS, TaskConfig, load_task_config
+from kd.distillers import METHODS
 from kd.engine import EVAL_BATCH_SIZE, Precision, select_device
 from kd.errors import UserError
 from kd.plots import STYLE, label_ticks_apart
@@ -48,6 +51,7 @@ class Arm:
     kd: bool  # False: alpha = 0, hard labels only, no teachers
     weighting: str = "uniform"
     cache: str = "off"
+    kd_loss: str = "kd"  # the distillation method (kd.distillers.METHODS)
 
 
 ARMS = {
@@ -55,26 +59,30 @@ ARMS = {
     "uniform": Arm(True, "uniform", "on"),
     "entropy": Arm(True, "entropy", "on"),
     "confidence": Arm(True, "confidence", "on"),
-    # against "uniform": does replaying the cache's few fixed views cost accuracy against online teachers?
+    # against "uniform": does the cache cost accuracy against online teachers?
     "uniform_online": Arm(True, "uniform", "off"),
+    # every other distillation method, uniformly weighted from the cache: an arm of its own name
+    **{name: Arm(True, "uniform", "on", name) for name in METHODS if name != "kd"},
 }
 BASELINE = "alpha0"
 DEFAULT_SEEDS = (1, 2, 3)
 BUDGET_FLAGS = ("num_epochs", "lr", "batch_size", "temperature", "alpha", "weight_decay", "scheduler_step",
                 "scheduler_gamma", "device")
-RUN_KEYS = ("task", "student_model", "seed", "run", "teacher_weighting", "teacher_cache", "output_dir", "resume")
+RUN_KEYS = ("task", "student_model", "seed", "run", "teacher_weighting", "teacher_cache", "kd_loss", "output_dir",
+            "resume")
 # Where files go changes no result, and alpha is a column of its own (alpha0 rows serve every --alpha).
 NOT_BUDGET = RUN_KEYS + ("alpha", "cache_dir")
 # What only the teachers' term reads: an alpha0 row serves every value of these
-TEACHER_ONLY = ("temperature", "teacher_epochs", "teacher_cache_views", "teacher_weights")
+TEACHER_ONLY = ("temperature", "teacher_epochs", "teacher_cache_views", "teacher_weights", "kd_params")
 COLUMNS = ("task", "student", "arm", "seed", "alpha", "weighting", "cache", "teachers", "epochs", "wall_s",
            "best_epoch", "val_acc", "test_acc", "threads", "built", "run_dir", "budget")
 CSV_TYPES = {"seed": int, "alpha": float, "epochs": int, "wall_s": float, "best_epoch": int, "val_acc": float,
              "test_acc": float, "threads": int, "budget": json.loads}
-GAIN_POINTS = 0.5
-VERDICT_RULE = (f'Verdict: d_s = arm minus alpha0 on the same seed s, in points; "gain" if mean(d) > sd(d) and '
-                f'mean(d) >= {GAIN_POINTS}, "loss" if -mean(d) > sd(d) and mean(d) <= -{GAIN_POINTS}, otherwise '
-                '"within noise" (so also with fewer than 2 paired seeds). sd is the sample standard deviation (n - 1).')
+VERDICT_RULE = ('Verdict: d_s = arm minus alpha0 on the same seed s, in points; the 95% confidence interval of '
+                'their mean is mean(d) +- t(0.975, n - 1) * sd(d) / sqrt(n) (Student\'s t, sd the sample standard '
+                'deviation); "gain" where the whole interval is above zero, "loss" where it is below, otherwise '
+                '"within noise" (so also with fewer than 2 paired seeds: add seeds where an interval is too wide to '
+                'decide).')
 
 
 @dataclass(frozen=True)
@@ -236,7 +244,7 @@ def arm_settings(base: TrainSettings, student: str, arm: str, seed: int, runs_di
     spec = ARMS[arm]
     return dataclasses.replace(base, student_model=student, seed=seed, run=f"{arm}_s{seed}",
                                output_dir=str(runs_dir), alpha=base.alpha if spec.kd else 0.0,
-                               teacher_weighting=spec.weighting, teacher_cache=spec.cache)
+                               teacher_weighting=spec.weighting, teacher_cache=spec.cache, kd_loss=spec.kd_loss)
 
 
 def train_arm(task: TaskConfig, base: TrainSettings, student: str, arm: str, seed: int, out: Path) -> dict:
@@ -410,14 +418,21 @@ def sample_sd(values) -> float | None:
     return statistics.stdev(values) if len(values) > 1 else None
 
 
+def confidence_interval(differences: list[float]) -> tuple[float, float] | None:
+    """The 95% confidence interval of the mean of paired differences (Student's t); None below 2 pairs."""
+    if len(differences) < 2:
+        return None
+    mean, n = statistics.fmean(differences), len(differences)
+    half = student_t.ppf(0.975, n - 1) * statistics.stdev(differences) / math.sqrt(n)
+    return mean - half, mean + half
+
+
 def verdict(differences: list[float]) -> str:
     """See VERDICT_RULE."""
-    if len(differences) < 2:
-        return "within noise"
-    mean, sd = statistics.fmean(differences), statistics.stdev(differences)
-    if mean > sd and mean >= GAIN_POINTS:
+    interval = confidence_interval(differences)
+    if interval is not None and interval[0] > 0:
         return "gain"
-    if -mean > sd and mean <= -GAIN_POINTS:
+    if interval is not None and interval[1] < 0:
         return "loss"
     return "within noise"
 
@@ -437,8 +452,11 @@ def format_study_summary(task: TaskConfig, plan: StudyPlan, base: TrainSettings,
              + (f"; the tables also show its {others} other run(s) at this budget (other students, arms or seeds)"
                 if others else "") + ". Test accuracy is that of each run's "
              "best-validation checkpoint. Arms: alpha0 = labels only; uniform, entropy, confidence = KD with that "
-             f"teacher weighting from the teacher-logit cache ({base.teacher_cache_views or base.num_epochs} views per image); "
-             "uniform_online = uniform KD with the teachers run online on fresh augmentation. KD runs count only "
+             "teacher weighting from the teacher-logit cache "
+             f"({base.teacher_cache_views or base.num_epochs} views per image); "
+             "uniform_online = uniform KD with the teachers run online on fresh augmentation; "
+             + ", ".join(name for name in METHODS if name != "kd") + " = that distillation method (--kd_loss), "
+             "uniformly weighted, from the cache. KD runs count only "
              "beside the teacher checkpoints they learnt from (runs.csv's teachers column), those below.", "",
              VERDICT_RULE, ""]
     for student, arms in stats.items():
@@ -452,13 +470,15 @@ def format_study_summary(task: TaskConfig, plan: StudyPlan, base: TrainSettings,
 
 def format_table(arms: list[ArmStats]) -> list[str]:
     lines = ["| arm | test acc % (mean ± sd) | n | wall s (mean) | gain vs alpha0 (pts) | "
-             "paired diffs per seed (pts) | paired mean ± sd | verdict |",
-             "|---|---|---|---|---|---|---|---|"]
+             "paired diffs per seed (pts) | paired mean ± sd | 95% CI | verdict |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for a in arms:
         paired = ", ".join(f"s{seed} {d:+.2f}" for seed, d in a.paired.items()) or "-"
+        interval = confidence_interval(list(a.paired.values()))
+        ci = "-" if interval is None else f"{or_dash(interval[0], '+.2f')} .. {or_dash(interval[1], '+.2f')}"
         lines.append(f"| {a.arm} | {a.mean:.2f} ± {or_dash(a.sd, '.2f')} | {len(a.accuracies)} | "
                      f"{a.wall_s:.1f}{'*' if a.built else ''} | {or_dash(a.gain, '+.2f')} | {paired} | "
-                     f"{or_dash(a.paired_mean, '+.2f')} ± {or_dash(a.paired_sd, '.2f')} | {a.verdict} |")
+                     f"{or_dash(a.paired_mean, '+.2f')} ± {or_dash(a.paired_sd, '.2f')} | {ci} | {a.verdict} |")
     return lines
 
 

@@ -38,6 +38,7 @@ from kd import plots
 from kd.checkpoint import atomic_write, load_weights
 from kd.cli import bounded_float, positive_float, train_command, unit_interval
 from kd.config import TaskConfig, load_task_config
+from kd.distillers import METHODS
 from kd.engine import EVAL_BATCH_SIZE, NonFiniteLoss, evaluate, select_device, select_precision
 from kd.errors import UserError
 from kd.record import open_run_student, read_record
@@ -117,16 +118,18 @@ DEFAULT_SPACE = {
     "lr": FloatRange(1e-4, 1e-2, log=True),
     "weight_decay": FloatRange(1e-6, 1e-2, log=True),
     "teacher_weighting": Choices(("uniform", "entropy", "confidence")),
+    "kd_loss": Fixed("kd"),  # the distillation method: a list of kd.distillers.METHODS searches it
 }
+CHOICES = {"teacher_weighting": WEIGHTING_SCHEMES, "kd_loss": tuple(METHODS)}  # settings named, not numbers
 VALUE_TYPES = {"temperature": positive_float, "alpha": unit_interval, "lr": positive_float,
                "weight_decay": bounded_float(0.0)}  # train.py's checks of the same flags
 
 
 def check_value(name: str, value, source: str):
     """A searched setting's value, checked as train.py checks its flag."""
-    if name == "teacher_weighting":
-        if value not in WEIGHTING_SCHEMES:
-            raise UserError(f"{source}: teacher_weighting {value!r} is not one of {', '.join(WEIGHTING_SCHEMES)}")
+    if name in CHOICES:
+        if value not in CHOICES[name]:
+            raise UserError(f"{source}: {name} {value!r} is not one of {', '.join(CHOICES[name])}")
         return value
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise UserError(f"{source}: {name} needs a number, got {value!r}")
@@ -144,8 +147,8 @@ def parse_param(name: str, raw, source: str):
         return Choices(tuple(dict.fromkeys(check_value(name, v, source) for v in raw)))
     if not isinstance(raw, dict):
         return Fixed(check_value(name, raw, source))
-    if name == "teacher_weighting":
-        raise UserError(f"{source}: teacher_weighting takes a list of schemes, not a range")
+    if name in CHOICES:
+        raise UserError(f"{source}: {name} takes a list of names, not a range")
     unknown = sorted(set(raw) - {"low", "high", "log"})
     if unknown or "low" not in raw or "high" not in raw:
         raise UserError(f"{source}: {name} needs {{low: ..., high: ...}} and optionally log: true"
