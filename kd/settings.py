@@ -83,3 +83,9 @@ class TrainSettings:
     dist_timeout: float = 30.0  # torchrun: minutes a process waits at a collective before it fails
     kd_loss: str = "kd"  # the distillation method, a name of kd.distillers.METHODS
     kd_params: tuple[str, ...] = ()  # the method's own parameters, NAME=VALUE; the others at their defaults
+
+    def __post_init__(self):
+        # lists (from argparse or a run's config.yaml) become tuples: settings compare equal however made
+        for name in ("teacher_weights", "kd_params"):
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))

@@ -61,7 +61,7 @@ def test_search_space_defaults_file_ranges_and_fixed_flags(tmp_path):
     ("temperature: {low: 4, high: 4}\n", "empty range [4, 4]"),
     ("alpha: {low: 0.5, high: 1.5}\n", "alpha must be in [0, 1], got 1.5"),
     ("weight_decay: {low: 0, high: 0.1, log: true}\n", "a log range needs low > 0"),
-    ("teacher_weighting: {low: 0, high: 1}\n", "takes a list of schemes"),
+    ("teacher_weighting: {low: 0, high: 1}\n", "takes a list of names"),
     ("teacher_weighting: []\n", "empty list of choices"),
     ("lr: {low: 0.1}\n", "needs {low: ..., high: ...}"),
     ("- lr\n", "expected a mapping"),
@@ -163,7 +163,7 @@ def test_a_new_study_starts_with_the_defaults_and_reports_them_beside_the_best(t
     assert defaults.value == own != 0.999
     assert defaults.user_attrs["role"] == "defaults"
     assert defaults.params == {"temperature": 2.0, "lr": 0.001, "weight_decay": 0.0005, "teacher_weighting": "uniform"}
-    assert defaults.user_attrs["settings"] == {**defaults.params, "alpha": 0.0}
+    assert defaults.user_attrs["settings"] == {**defaults.params, "alpha": 0.0, "kd_loss": "kd"}
     result = yaml.safe_load((out / "best.yaml").read_text())
     assert result["defaults"]["trial"] == 0 and result["defaults"]["val_acc"] == pytest.approx(defaults.value)
     confirmation = result["confirmation"]
@@ -289,3 +289,21 @@ def test_a_study_started_before_a_setting_existed_continues_with_it_at_its_defau
     with pytest.raises(UserError, match="budget mixup: 0.0 then, 0.4 now"):
         tuning.open_study(url, STUDY, dataclasses.replace(plan, settings=TrainSettings(task="A", num_epochs=2,
                                                                                            mixup=0.4)))
+
+
+def test_the_space_can_search_the_method_and_its_own_parameters(tmp_path):
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text("kd_loss: [kd, dkd]\nnckd_weight: {low: 1, high: 8}\n")
+    space = load_search_space(str(space_file), {})
+    assert space["kd_loss"] == Choices(("kd", "dkd")) and space["nckd_weight"] == FloatRange(1.0, 8.0)
+    plan = TunePlan(TrainSettings(task="A"), space)
+    assert tuning.trial_settings(plan, {"kd_loss": "dkd", "nckd_weight": 2.5}).kd_params == ("nckd_weight=2.5",)
+    kd_trial = tuning.trial_settings(plan, {"kd_loss": "kd", "nckd_weight": 2.5})
+    assert (kd_trial.kd_loss, kd_trial.kd_params) == ("kd", ())  # kd takes no nckd_weight: not passed to it
+    assert tuning.default_values(space)["nckd_weight"] == 8.0  # the method's default is the baseline
+    space_file.write_text("kd_loss: [kd, mkd]\n")
+    with pytest.raises(UserError, match="kd_loss 'mkd' is not one of kd, dkd, ls, dist"):
+        load_search_space(str(space_file), {})
+    space_file.write_text("nckd_weight: {low: -1, high: 8}\n")
+    with pytest.raises(UserError, match="nckd_weight must be >= 0"):
+        load_search_space(str(space_file), {})

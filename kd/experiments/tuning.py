@@ -121,6 +121,9 @@ DEFAULT_SPACE = {
     "kd_loss": Fixed("kd"),  # the distillation method: a list of kd.distillers.METHODS searches it
 }
 CHOICES = {"teacher_weighting": WEIGHTING_SCHEMES, "kd_loss": tuple(METHODS)}  # settings named, not numbers
+# A method's own parameters (--kd_params), searchable where the space file names them; a trial passes
+# each to the methods that take it.
+METHOD_PARAMS = {name: spec for method in METHODS.values() for name, spec in method.params.items()}
 VALUE_TYPES = {"temperature": positive_float, "alpha": unit_interval, "lr": positive_float,
                "weight_decay": bounded_float(0.0)}  # train.py's checks of the same flags
 
@@ -133,8 +136,9 @@ def check_value(name: str, value, source: str):
         return value
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise UserError(f"{source}: {name} needs a number, got {value!r}")
+    kind = VALUE_TYPES.get(name) or bounded_float(METHOD_PARAMS[name].minimum)
     try:
-        return VALUE_TYPES[name](str(value))
+        return kind(str(value))
     except argparse.ArgumentTypeError as err:
         raise UserError(f"{source}: {name} {err}") from None
 
@@ -178,8 +182,9 @@ def load_search_space(path: str | None, fixed: dict) -> dict:
         if not isinstance(raw or {}, dict):
             raise UserError(f"{path}: expected a mapping of setting: range, choices or value")
         for name, value in (raw or {}).items():
-            if name not in DEFAULT_SPACE:
-                raise UserError(f"{path}: unknown parameter {name!r}; the search covers {', '.join(DEFAULT_SPACE)}")
+            if name not in DEFAULT_SPACE and name not in METHOD_PARAMS:
+                raise UserError(f"{path}: unknown parameter {name!r}; the search covers {', '.join(DEFAULT_SPACE)} "
+                                f"and the methods' parameters {', '.join(METHOD_PARAMS)}")
             space[name] = parse_param(name, value, path)
     space.update({name: Fixed(check_value(name, value, "--" + name)) for name, value in fixed.items()})
     if all(isinstance(p, Fixed) for p in space.values()):
@@ -374,7 +379,7 @@ def objective(trial: optuna.Trial, plan: TunePlan, task: TaskConfig, out: Path) 
     accuracy goes to the pruner, which may stop the run."""
     trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
     values = {name: param.suggest(trial, name) for name, param in plan.space.items()}
-    settings = dataclasses.replace(plan.settings, **values, run=f"trial{trial.number}",
+    settings = dataclasses.replace(trial_settings(plan, values), run=f"trial{trial.number}",
                                    output_dir=str(out / "trials"))
     trial.set_user_attr("settings", values)
 
@@ -484,7 +489,8 @@ def importances(study: optuna.Study) -> dict[str, float] | None:
 def default_values(space: dict) -> dict:
     """train.py's defaults of the searched settings (fixed ones keep their value): the baseline."""
     defaults = TrainSettings()
-    return {name: param.value if isinstance(param, Fixed) else getattr(defaults, name)
+    return {name: param.value if isinstance(param, Fixed) else
+            METHOD_PARAMS[name].default if name in METHOD_PARAMS else getattr(defaults, name)
             for name, param in space.items()}
 
 
@@ -494,7 +500,12 @@ def trial_scores(trial: FrozenTrial, out: Path, settings: TrainSettings) -> dict
 
 
 def trial_settings(plan: TunePlan, values: dict) -> TrainSettings:
-    return dataclasses.replace(plan.settings, **values)
+    """The settings of a trial of `values`: the searched settings set, and the searched method parameters
+    that its method takes added to --kd_params."""
+    method = values.get("kd_loss", plan.settings.kd_loss)
+    params = [f"{name}={value}" for name, value in values.items() if name in METHODS[method].params]
+    fields = {name: value for name, value in values.items() if name not in METHOD_PARAMS}
+    return dataclasses.replace(plan.settings, **fields, kd_params=(*plan.settings.kd_params, *params))
 
 
 def test_accuracy(run_dir: Path, settings: TrainSettings) -> float:
