@@ -1,10 +1,11 @@
 """Accuracy study: each KD arm against --alpha 0 at the same budget, over seeds, per student.
 
 Arms: alpha0 (labels only), uniform / entropy / confidence (KD with that teacher weighting, replaying
-cached teacher logits), uniform_online (uniform KD with the teachers run online). Every run is a
+cached teacher logits), uniform_online (uniform KD with the teachers run online), and one arm per other
+distillation method of kd.distillers (dkd, ls, dist: that --kd_loss, uniform, cached). Every run is a
 train.py run (kd.training.train_student); teachers that are missing are trained by the first KD run.
 
-    python benchmarks/kd_study.py --task A --num_epochs 30                  # 3 students x 5 arms x seeds 1 2 3
+    python benchmarks/kd_study.py --task A --num_epochs 30                  # 3 students x 8 arms x seeds 1 2 3
     python benchmarks/kd_study.py --task B --students MobileNetV3 --arms alpha0 uniform --seeds 1 2 3 4 5
     python benchmarks/kd_study.py --task A --num_epochs 30 --set teacher_epochs=5 amp=false
 
