@@ -4,7 +4,7 @@ import argparse
 import os
 import sys
 
-from kd.cli import ArgumentParser, add_training_arguments, given_options
+from kd.cli import ArgumentParser, add_training_arguments, given_options, parse_with_recipe
 from kd.errors import run_cli
 from kd.settings import TrainSettings, settings_problem
 
@@ -19,6 +19,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--output_dir", default=DEFAULTS.output_dir, help="where run folders are created")
     p.add_argument("--teachers_only", action="store_true",
                    help="train the task's missing teachers (or load them), report their accuracy, and stop")
+    p.add_argument("--recipe", default=DEFAULTS.recipe, metavar="NAME|FILE",
+                   help="a YAML file of these flags' values that become the defaults (the command line still "
+                        "wins): a shipped recipe of configs/recipes/ by name (quick: task A's quick start; "
+                        "task_b_15min), or a file's path; the run's config.yaml records it")
     p.add_argument("--resume", default=DEFAULTS.resume, metavar="auto|RUN",
                    help="continue a run from its checkpoint_last.pt with the settings it was started with "
                         "(a larger --num_epochs trains on): a run folder, its checkpoint, or auto (the newest "
@@ -35,7 +39,7 @@ def main(argv: list[str]) -> None:
     from kd.training import TrainSettings, train_student, train_teachers
 
     parser = get_args_parser()
-    options = vars(parser.parse_args(argv))
+    options = vars(parse_with_recipe(parser, argv))
     options["task"] = options.pop("config") or options["task"]
     teachers_only = options.pop("teachers_only")
     settings = TrainSettings(**options)

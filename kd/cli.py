@@ -6,8 +6,11 @@ import copy
 import dataclasses
 import shlex
 from collections.abc import Collection
+from pathlib import Path
 
-from kd.config import MAX_STRIDE_REDUCTION, STORAGES
+import yaml
+
+from kd.config import CONFIG_DIR, MAX_STRIDE_REDUCTION, STORAGES
 from kd.distillers import METHODS
 from kd.errors import UserError
 from kd.settings import LR_SCHEDULES, OPTIMIZERS, WEIGHTING_SCHEMES, TrainSettings, canonical_student_name
@@ -176,6 +179,77 @@ def add_output_dir(p: argparse.ArgumentParser, help: str) -> None:
     """--output_dir, the one name every script gives its output folder; --output, its name in release 0.2,
     is still accepted (until the next release)."""
     p.add_argument("--output_dir", "--output", dest="output_dir", default=None, help=help)
+
+
+RECIPE_DIR = CONFIG_DIR / "recipes"
+NOT_IN_RECIPES = ("task", "config", "recipe", "resume", "teachers_only", "help")  # what names one run, or the recipe
+
+
+class RecipeError(Exception):
+    """A recipe value the parser refused (raised by the copy of the parser that reads a recipe)."""
+
+
+def recipe_path(name: str) -> Path | None:
+    """A shipped recipe by name (configs/recipes/NAME.yaml), else a YAML file by path; None if neither."""
+    for path in (RECIPE_DIR / f"{name}.yaml", Path(name)):
+        if path.is_file():
+            return path
+    return None
+
+
+def parse_with_recipe(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse `argv` with --recipe's values as the defaults: a YAML file of flag values, as timm's -c args
+    file; the command line still wins. A missing recipe, an unknown key or a bad value is one line
+    (exit 2), as on the command line."""
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--recipe", default=None)
+    name = first.parse_known_args(argv)[0].recipe
+    if name is not None:
+        parser.set_defaults(**read_recipe(parser, name))
+    return parser.parse_args(argv)
+
+
+def read_recipe(parser: argparse.ArgumentParser, name: str) -> dict:
+    """The recipe's values, each checked by its flag's own type, range and choices."""
+    path = recipe_path(name)
+    if path is None:
+        shipped = ", ".join(sorted(p.stem for p in RECIPE_DIR.glob("*.yaml")))
+        parser.error(f"--recipe {name}: no such recipe (shipped: {shipped}; or the path of a YAML file)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        parser.error(f"--recipe {path}: not a readable YAML file ({' '.join(str(err).split())})")
+    if not isinstance(raw, dict):
+        parser.error(f"--recipe {path}: expected a mapping of flag: value")
+    actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in NOT_IN_RECIPES}
+    unknown = sorted(set(raw) - set(actions))
+    if unknown:
+        parser.error(f"--recipe {path}: unknown key(s) {', '.join(map(str, unknown))}; a recipe holds train.py flag "
+                     "values by their names (lr: 0.002), not --task, --config or --resume")
+    checker = copy.deepcopy(parser)
+    for action in checker._actions:
+        action.default = argparse.SUPPRESS
+
+    def refuse(message):
+        raise RecipeError(message)
+    checker.error = refuse
+    try:
+        values = vars(checker.parse_args([token for key, value in raw.items()
+                                          for token in _flag_tokens(actions[key], value)]))
+    except RecipeError as err:
+        parser.error(f"--recipe {path}: {err}")
+    return values
+
+
+def _flag_tokens(action: argparse.Action, value) -> list[str]:
+    """The command-line tokens that give `action` the recipe's `value`."""
+    flag = action.option_strings[0]
+    if isinstance(action, argparse.BooleanOptionalAction) and isinstance(value, bool):
+        return [flag] if value else [f"--no-{flag[2:]}"]
+    if isinstance(action, argparse._StoreTrueAction) and isinstance(value, bool):
+        return [flag] if value else []
+    values = value if isinstance(value, list) else [value]
+    return [flag, *map(str, values)]
 
 
 def given_options(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
