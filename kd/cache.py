@@ -32,6 +32,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -58,8 +59,16 @@ FORMAT = 3  # bumped whenever what a key names would give other logits
 
 
 def file_sha256(path: Path) -> str:
+    """The file's SHA-256. A run asks for a teacher's more than once (its record, its cache key, a study's
+    teachers key): the file is read once while it is the same file (inode, size and times unchanged)."""
+    stat = Path(path).stat()
+    return _sha256(str(Path(path).resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+
+
+@lru_cache(maxsize=64)
+def _sha256(path: str, *identity: int) -> str:
     digest = hashlib.sha256()
-    with Path(path).open("rb") as f:
+    with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()

@@ -8,9 +8,7 @@ import shlex
 from collections.abc import Collection
 from pathlib import Path
 
-import yaml
-
-from kd.config import CONFIG_DIR, MAX_STRIDE_REDUCTION, STORAGES
+from kd.config import CONFIG_DIR, MAX_STRIDE_REDUCTION, STORAGES, read_yaml
 from kd.distillers import METHODS
 from kd.errors import UserError
 from kd.settings import LR_SCHEDULES, OPTIMIZERS, WEIGHTING_SCHEMES, TrainSettings, canonical_student_name
@@ -216,9 +214,9 @@ def read_recipe(parser: argparse.ArgumentParser, name: str) -> dict:
         shipped = ", ".join(sorted(p.stem for p in RECIPE_DIR.glob("*.yaml")))
         parser.error(f"--recipe {name}: no such recipe (shipped: {shipped}; or the path of a YAML file)")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as err:
-        parser.error(f"--recipe {path}: not a readable YAML file ({' '.join(str(err).split())})")
+        raw = read_yaml(path) or {}
+    except UserError as err:
+        parser.error(f"--recipe {err}")
     if not isinstance(raw, dict):
         parser.error(f"--recipe {path}: expected a mapping of flag: value")
     actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in NOT_IN_RECIPES}

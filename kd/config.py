@@ -248,6 +248,14 @@ def normalisable(weights) -> bool:
     return min(weights) >= 0 and sum(weights) > 0
 
 
+def read_yaml(path: Path):
+    """A YAML file's contents; a UserError naming the file when it cannot be read or parsed."""
+    try:
+        return yaml.safe_load(Path(path).read_text())
+    except (yaml.YAMLError, OSError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: not a readable YAML file ({' '.join(str(err).split())})") from None
+
+
 def load_task_config(task: str) -> TaskConfig:
     """Load task 'A' or 'B' (case-insensitive) or a YAML file by path.
 
@@ -258,10 +266,7 @@ def load_task_config(task: str) -> TaskConfig:
     path = builtin or Path(task)
     if not path.is_file():
         raise UserError(f"no task config {task!r}: use A, B or the path of a YAML file")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, OSError, UnicodeDecodeError) as err:
-        raise UserError(f"{path}: not a readable YAML file ({err})") from None
+    raw = read_yaml(path)
     # A built-in config named by its path is the same task as its letter: the same teachers, not a second set.
     builtin = builtin or next((p for p in TASK_CONFIGS.values() if p.resolve() == path.resolve()), None)
     return parse_task_config(raw, str(path), root=CONFIG_DIR.parent if builtin else path.resolve().parent)

@@ -19,10 +19,9 @@ from functools import cached_property
 from pathlib import Path
 
 import torch.nn as nn
-import yaml
 
 from kd.checkpoint import atomic_write, check_classes, load_state_into, load_weights
-from kd.config import TaskConfig, parse_task_config
+from kd.config import TaskConfig, parse_task_config, read_yaml
 from kd.errors import UserError
 from kd.models import ModelBuild
 from kd.runs import write_yaml
@@ -120,8 +119,8 @@ class RunRecord:
     def model(self) -> ModelBuild:
         """How the run's student is built. Runs of earlier releases recorded no build: theirs follows from
         their recorded task and settings, as those releases built it."""
-        if self.recorded_model is not None:
-            return self.recorded_model
+        if (recorded := self.recorded_model) is not None:
+            return recorded
         name = canonical_student_name(self.settings.student_model)
         return student_build(name, with_stride_reduction(self.task, name, self.settings.stride_reduction))
 
@@ -152,10 +151,7 @@ def read_record(run_dir: str | os.PathLike) -> RunRecord:
     path = run_dir / RECORD_FILE
     if not path.is_file():
         raise UserError(f"{run_dir} is not a run folder (it has no {RECORD_FILE}); pass a folder made by train.py")
-    try:
-        body = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, OSError, UnicodeDecodeError) as err:
-        raise UserError(f"{path}: not a readable YAML file ({err})") from None
+    body = read_yaml(path)
     if not isinstance(body, dict) or not isinstance(body.get("settings"), dict):
         raise UserError(f"{path} has no settings; was it written by train.py?")
     return RunRecord(run_dir, body)
