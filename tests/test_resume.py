@@ -82,20 +82,20 @@ def test_resume_with_more_epochs_trains_on_along_the_longer_cosine_and_names_ign
 @pytest.mark.slow
 def test_ctrl_c_and_sigterm_keep_the_last_epoch_and_say_how_to_resume(tmp_path, tiny_teachers):
     """Both signals take one path (SIGTERM raises a KeyboardInterrupt, as Ctrl-C does), so each is sent
-    once: Ctrl-C before the first epoch ends (nothing is left), SIGTERM after it (the epoch is kept)."""
+    once: SIGTERM before the first epoch ends (nothing is left), Ctrl-C after it (the epoch is kept)."""
     config = write_task(tmp_path, tiny_teachers)
     # config.yaml is written before the teacher-logit cache is built: well before the first epoch ends
     code, out = signal_when(train_command(config, tmp_path / "early", tmp_path / "cache"),
-                            lambda: list((tmp_path / "early").glob("*/config.yaml")), signal.SIGINT,
+                            lambda: list((tmp_path / "early").glob("*/config.yaml")), signal.SIGTERM,
                             tmp_path / "early.log")
-    assert code == 130 and "Traceback" not in out and out.strip().endswith("interrupted")
+    assert code == 143 and "Traceback" not in out and out.strip().endswith("terminated")
     assert not any((tmp_path / "early").iterdir())  # stopped before its first epoch: nothing left
 
     # 100 epochs: the run cannot finish before the signal arrives, however fast the machine
     code, out = signal_when(train_command(config, tmp_path / "late", tmp_path / "cache", "--num_epochs", "100"),
-                            lambda: list((tmp_path / "late").glob("*/checkpoint_last.pt")), signal.SIGTERM,
+                            lambda: list((tmp_path / "late").glob("*/checkpoint_last.pt")), signal.SIGINT,
                             tmp_path / "late.log")
     run_dir = next((tmp_path / "late").iterdir())
-    assert code == 143 and "Traceback" not in out and out.strip().endswith("terminated")
+    assert code == 130 and "Traceback" not in out and out.strip().endswith("interrupted")
     assert f"python train.py --resume {run_dir}" in out
     assert load_torch_checkpoint(run_dir / "checkpoint_last.pt")["epoch"] >= 1
