@@ -168,6 +168,10 @@ def add_training_arguments(p: argparse.ArgumentParser, names: Collection[str] | 
         help="the method's own parameters (the rest at their defaults): " + "; ".join(
             f"{name}: " + ", ".join(f"{p} (default {spec.default:g}: {spec.help})" for p, spec in m.params.items())
             for name, m in METHODS.items() if m.params))
+    add("--pretrained", nargs="?", const=True, default=DEFAULTS.pretrained, metavar="FILE",
+        help="start the student from timm's published weights (downloaded: needs internet) or, given a FILE, "
+             "from a local weights file of its architecture (.safetensors, .pth); its classifier is replaced "
+             "and starts at zero")
     add("--mixup", type=bounded_float(0.0), default=DEFAULTS.mixup, metavar="A",
                    help="blend each training batch with a shuffled copy by lam ~ Beta(A, A), labels too; the "
                         "teachers run online on the blended images (function matching). 0: off; 0.2-1 usual")

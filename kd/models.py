@@ -129,7 +129,10 @@ def create_backbone(arch: str, num_classes: int, in_chans: int, pretrained: bool
 
 
 def pretrained_error(arch: str, pretrained: bool | Path, err: Exception) -> str:
-    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()] or [type(err).__name__]
+    reason = lines[0]
+    if reason.endswith(":") and len(lines) > 1:  # load_state_dict's heading: the first key list says what is wrong
+        reason = f"{reason} {lines[1][:160]}{'...' if len(lines[1]) > 160 else ''}"
     if isinstance(pretrained, Path):
         return f"cannot load pretrained weights for {arch} from {pretrained} ({reason})"
     return (f"could not fetch timm's pretrained weights for {arch} ({reason}); offline, download them on a "

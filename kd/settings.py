@@ -84,6 +84,7 @@ class TrainSettings:
     kd_loss: str = "kd"  # the distillation method, a name of kd.distillers.METHODS
     kd_params: tuple[str, ...] = ()  # the method's own parameters, NAME=VALUE; the others at their defaults
     recipe: str | None = None  # the recipe (configs/recipes/NAME.yaml or a file) whose values were the defaults
+    pretrained: bool | str = False  # where the student starts: random, timm's published weights, a weights file
 
     def __post_init__(self):
         # lists (from argparse or a run's config.yaml) become tuples: settings compare equal however made

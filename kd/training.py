@@ -84,12 +84,19 @@ def train_student(settings: TrainSettings, given: Collection[str] | None = None,
         settings, ignored = resumed_settings(record.settings, settings, given, record.run_dir)
         check_teachers_unchanged(record)
     student_name = canonical_student_name(settings.student_model)
-    settings = dataclasses.replace(settings, student_model=student_name)  # config.yaml keeps the canonical name
+    settings = dataclasses.replace(settings, student_model=student_name,  # config.yaml keeps the canonical name
+                                   pretrained=record.settings.pretrained if record else start_weights(settings))
     with _session(settings, hooks.quiet, record.task if record else None) as (task, data, precision, world):
         if record is None:
             task = with_stride_reduction(task, student_name, settings.stride_reduction)
             check_output_dir(settings.output_dir)
         model = record.model if record else student_build(student_name, task)
+        # a resumed run's weights come from its checkpoint; a new one's start weights are checked before any training
+        trainee = Trainee("student", f"student {student_name}", model, _student_metadata(task, model, settings),
+                          pretrained=False if record else _pretrained_path(settings.pretrained))
+        if trainee.pretrained:
+            trainee.build()
+            log.info("student %s starts from %s", student_name, _start_weights(trainee.pretrained))
         ensemble = ensure_teachers(task, data, precision, world, settings.teacher_epochs) if settings.alpha > 0 \
             else None
         run_dir = record.run_dir if record else (create_run_dir(settings.output_dir, run_name(
@@ -98,9 +105,23 @@ def train_student(settings: TrainSettings, given: Collection[str] | None = None,
         if ignored:
             log.warning("--resume continues %s with the settings it was started with; ignored: %s", run_dir,
                         "; ".join(ignored))
-        trainee = Trainee("student", f"student {student_name}", model, _student_metadata(task, model, settings))
         run_training(run_dir, settings, task, trainee, precision, data, world, ensemble, hooks)
         return run_dir
+
+
+def start_weights(settings: TrainSettings) -> bool | str:
+    """The student's start weights as the record keeps them: a weights file by its absolute path, checked
+    to exist before anything is loaded."""
+    if not isinstance(settings.pretrained, str):
+        return settings.pretrained
+    path = Path(settings.pretrained).expanduser().resolve()
+    if not path.is_file():
+        raise UserError(f"--pretrained {settings.pretrained}: no such weights file")
+    return str(path)
+
+
+def _pretrained_path(pretrained: bool | str) -> bool | Path:
+    return Path(pretrained) if isinstance(pretrained, str) else pretrained
 
 
 def _run_name(settings: TrainSettings) -> str:
@@ -426,7 +447,7 @@ def _teacher_source(settings: TrainSettings, task: TaskConfig, data: TaskData, e
 def _student_metadata(task: TaskConfig, model: ModelBuild, settings: TrainSettings) -> dict:
     return {"student": settings.student_model, "arch": model.arch, "task": task.name, "classes": list(task.classes),
             "input_size": model.input_size, "channels": model.channels, "temperature": settings.temperature,
-            "alpha": settings.alpha, "build": model.to_dict()}
+            "alpha": settings.alpha, "pretrained": settings.pretrained, "build": model.to_dict()}
 
 
 def _start_weights(pretrained: bool | Path) -> str:
