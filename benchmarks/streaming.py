@@ -4,7 +4,7 @@ Writes (once) an image folder of --images JPEG files at --size px: 10 classes of
 (a colour gradient and a few shapes whose hue depends on the class), 80% train/, 10% val/, 10% test/.
 Then measures, with 0, 1 and 2 DataLoader worker processes (--workers):
 
-  (a) the streaming data path alone (read, decode, resize, crop and flip, batch);
+  (a) the streaming data path alone (read, decode, resize, augment (--augment), batch);
   (b) a labels-only student step fed by it;
   (c) a KD step fed by it, replaying teacher logits from the on-disk cache (one memory-mapped .npy per view,
       --views views; their values are random: only the cost of reading them matters here);
@@ -14,6 +14,7 @@ Each figure is images/s over --batches batches after 2 warm-up batches (worker s
 
     python benchmarks/streaming.py                  # 20,000 JPEGs at 96 px; about 10 minutes on 2 cores
     python benchmarks/streaming.py --images 2000    # a quick look
+    python benchmarks/streaming.py --augment photo  # with the photo augmentation
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", type=int, default=30, help="timed batches per measurement")
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--views", type=int, default=4)
+    p.add_argument("--augment", choices=["pad", "photo"], default="pad",
+                   help="the training augmentation the workers apply (see augment_block)")
     return p
 
 
@@ -81,12 +84,20 @@ def scene(rng: np.random.Generator, label: int, size: int) -> Image.Image:
     return image
 
 
-def write_config(root: Path, size: int) -> Path:
+def augment_block(kind: str, size: int) -> dict:
+    """--augment pad: the digits' crop of the padded image and a flip; photo: the photo augmentation of
+    configs/task_template.yaml (random-resized crop, flip, TrivialAugmentWide, a centre crop at evaluation)."""
+    if kind == "pad":
+        return {"crop_padding": size // 16, "hflip": True}
+    return {"crop_scale": [0.25, 1.0], "hflip": True, "policy": "trivialaugment"}
+
+
+def write_config(root: Path, size: int, augment: str) -> Path:
     config = {"name": "StreamBench", "description": "generated JPEG scenes",
               "data": {"source": "image_folder", "root": ".", "input_size": size, "channels": 3},
               "classes": [f"class{c}" for c in range(CLASSES)],
               "normalization": {"mean": [0.5] * 3, "std": [0.25] * 3},
-              "augment": {"crop_padding": size // 16, "hflip": True},
+              "augment": augment_block(augment, size),
               "teachers": [{"name": "unused", "arch": "resnet18", "checkpoint": "unused.safetensors"}]}
     path = root / "task.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -140,7 +151,8 @@ def main(args) -> None:
     write_folder(root, args.images, args.size)
     print(f"{args.images} JPEG files at {args.size} px in {root} ({time.perf_counter() - started:.0f}s to write "
           f"or find), batch {args.batch_size}, student {args.student_model}, CPU, {torch.get_num_threads()} threads")
-    task = load_task_config(str(write_config(root, args.size)))
+    task = load_task_config(str(write_config(root, args.size, args.augment)))
+    print(f"augmentation {args.augment}: {task.augment}, images decoded at {task.decode_size} px")
     cache = random_cache(root, args.views, int(args.images * 0.8))
     options = dict(shuffle=True, augment=task.augment, seed=0, drop_last=True)
     steps = {"labels": student_step(task, args.student_model), "kd": student_step(task, args.student_model, cache.rows)}
@@ -160,7 +172,7 @@ def main(args) -> None:
 def in_memory(split, count: int) -> Split:
     """The first `count` images of a streamed split, decoded into memory."""
     count = min(count, len(split))
-    return Split(torch.stack([split.image(i) for i in range(count)]), split.labels[:count])
+    return Split(torch.stack([split.image(i) for i in range(count)]), split.labels[:count], split.input_size)
 
 
 if __name__ == "__main__":

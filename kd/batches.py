@@ -13,16 +13,10 @@ from typing import NamedTuple
 
 import torch
 
+from kd.augment import PadCropFlip, PhotoAugment, make_augment
 from kd.config import AugmentSpec
 
-
-def sample_augment_params(n: int, spec: AugmentSpec, generator: torch.Generator, device) -> torch.Tensor:
-    """Per-image augmentation parameters (n, 3): crop offsets dy, dx in [0, 2 * padding] and a flip flag."""
-    high = 2 * spec.crop_padding + 1
-    dy = torch.randint(0, high, (n,), generator=generator, device=device)
-    dx = torch.randint(0, high, (n,), generator=generator, device=device)
-    flip = (torch.rand(n, generator=generator, device=device) < 0.5) & spec.hflip
-    return torch.stack([dy, dx, flip.long()], dim=1)
+Augment = PadCropFlip | PhotoAugment
 
 
 class Batch(NamedTuple):
@@ -46,17 +40,12 @@ def _generator(*seeds: int) -> torch.Generator:
     return g
 
 
-def active_augment(augment: AugmentSpec | None) -> AugmentSpec | None:
-    """The spec when it changes images, else None (no work per batch)."""
-    return augment if augment and (augment.crop_padding or augment.hflip) else None
-
-
 class ViewPool:
     """A pool of `size` augmented views per image. View v of every image is drawn on the CPU from its own
     generator (pool_seed, v), so a view is the same whatever the pool's size, the run's seed or its
     device, and is made only when first asked for. Without augmentation the pool is one view: the image."""
 
-    def __init__(self, n: int, augment: AugmentSpec | None, size: int, pool_seed: int):
+    def __init__(self, n: int, augment: Augment | None, size: int, pool_seed: int):
         self.n, self.augment, self.pool_seed = n, augment, pool_seed
         self.size = size if augment is not None else 1
         self._last: tuple[int, torch.Tensor] | None = None
@@ -65,18 +54,18 @@ class ViewPool:
         return self.size
 
     def params(self, view: int) -> torch.Tensor:
-        """(N, 3) augmentation parameters of view `view` of every image (zeros without augmentation)."""
+        """(N, P) augmentation parameters of view `view` of every image (zeros without augmentation)."""
         if not 0 <= view < self.size:
             raise IndexError(f"view {view} of a pool of {self.size}")
         if self._last is None or self._last[0] != view:  # an epoch asks for one view batch after batch
             params = torch.zeros((self.n, 3), dtype=torch.long) if self.augment is None else \
-                sample_augment_params(self.n, self.augment, _generator(self.pool_seed, view), "cpu")
+                self.augment.sample(self.n, _generator(self.pool_seed, view))
             self._last = (view, params)
         return self._last[1]
 
     def params_at(self, view: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """(B, 3) parameters of pooled view view[i] of image index[i] (CPU tensors in and out)."""
-        out = torch.empty((len(index), 3), dtype=torch.long)
+        """(B, P) parameters of pooled view view[i] of image index[i] (CPU tensors in and out)."""
+        out = torch.empty((len(index), self.params(0).shape[1]), dtype=torch.long)
         for v in view.unique().tolist():
             rows = view == v
             out[rows] = self.params(v)[index[rows]]
@@ -96,10 +85,10 @@ class BatchPlan:
     independent of what ran before, which makes a resumed run exact. With `num_views` V, epoch e trains
     every image on pooled view e mod V instead of drawing new parameters: a run of at most V epochs sees
     a distinct view of each image every epoch, as online augmentation would. Yields (index, params,
-    view) CPU tensors; params (B, 3) for fresh augmentation, view (B,) for a pooled one, else None.
+    view) CPU tensors; params (B, P) for fresh augmentation, view (B,) for a pooled one, else None.
     """
 
-    def __init__(self, n: int, batch_size: int, *, shuffle: bool = False, augment: AugmentSpec | None = None,
+    def __init__(self, n: int, batch_size: int, *, shuffle: bool = False, augment: Augment | None = None,
                  seed: int = 0, num_views: int | None = None, rank: int = 0, world_size: int = 1,
                  drop_last: bool = False):
         self.n, self.batch_size, self.shuffle, self.augment = n, batch_size, shuffle, augment
@@ -132,7 +121,7 @@ class BatchPlan:
             elif self.augment is not None:
                 # drawn for the whole global batch, so each process augments its images differently
                 # and the processes together augment exactly as one process would
-                yield idx, sample_augment_params(len(global_batch), self.augment, aug_gen, "cpu")[mine], None
+                yield idx, self.augment.sample(len(global_batch), aug_gen)[mine], None
             else:
                 yield idx, None, None
 
@@ -170,9 +159,11 @@ class PlannedBatches:
                  pool_seed: int = 0, rank: int = 0, world_size: int = 1, drop_last: bool = False):
         self.split = split
         self.device = torch.device(device)
-        self.augment = active_augment(augment)
-        self.pool = ViewPool(len(split), self.augment, views, pool_seed) if views else None
-        self.plan = BatchPlan(len(split), batch_size, shuffle=shuffle, augment=self.augment, seed=seed,
+        self.input_size = input_size(split)
+        self.augmenter = make_augment(augment, split.image_shape[-1], self.input_size)
+        self.augment = augment if self.augmenter else None  # the spec, for the cache's key
+        self.pool = ViewPool(len(split), self.augmenter, views, pool_seed) if views else None
+        self.plan = BatchPlan(len(split), batch_size, shuffle=shuffle, augment=self.augmenter, seed=seed,
                               num_views=self.num_views, rank=rank, world_size=world_size, drop_last=drop_last)
 
     @property
@@ -184,3 +175,9 @@ class PlannedBatches:
 
     def __len__(self) -> int:
         return len(self.plan)
+
+
+def input_size(split) -> int:
+    """The size the model is fed a split's images at: they are decoded at their own size, larger where
+    training crops at random and evaluation centre-crops (kd.config.TaskConfig.decode_size)."""
+    return split.input_size or split.image_shape[-1]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,10 +60,33 @@ class DataSpec:
     storage: str = "auto"  # image_folder: memory | stream | auto (kd.data.choose_storage)
 
 
+POLICIES = ("trivialaugment", "randaugment")  # torchvision's automatic augmentation policies (kd.augment)
+POLICY_BINS = 31  # magnitude bins of torchvision's policies (their num_magnitude_bins default)
+PHOTO_EVAL_CROP = 0.875  # the centre fraction a photo task evaluates on, as timm's and torchvision's recipes
+
+
 @dataclass(frozen=True)
 class AugmentSpec:
+    """How training images are augmented (kd.augment): a crop of the zero-padded image (crop_padding) for
+    small centred images, or for photos a random-resized crop of crop_scale of the area and crop_ratio
+    aspect, with an automatic policy; a horizontal flip with either."""
+
     crop_padding: int = 0
     hflip: bool = False
+    crop_scale: tuple[float, float] | None = None  # None: no random-resized crop
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    policy: str | None = None  # one of POLICIES, after the crop and flip
+    policy_ops: int = 2  # randaugment: operations per image
+    policy_magnitude: int = 9  # randaugment: the magnitude bin of every operation, 0-30
+    # the centre fraction of the image that evaluation sees (images are resized to input_size / eval_crop
+    # and centre-cropped); None: PHOTO_EVAL_CROP with a random-resized crop, else 1 (the whole image)
+    eval_crop: float | None = None
+
+    @property
+    def eval_fraction(self) -> float:
+        if self.eval_crop is not None:
+            return self.eval_crop
+        return PHOTO_EVAL_CROP if self.crop_scale else 1.0
 
 
 @dataclass(frozen=True)
@@ -83,6 +107,12 @@ class TaskConfig:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def decode_size(self) -> int:
+        """The size images are decoded at: the input size, or larger where evaluation centre-crops
+        (augment.eval_crop) and training crops at random from the whole decoded image."""
+        return math.floor(self.data.input_size / self.augment.eval_fraction)
 
     def resolve(self, path: str | os.PathLike) -> Path:
         """A path from the config: absolute as given, relative against `root`."""
@@ -143,6 +173,14 @@ def _optional_floats(values) -> tuple[float, ...] | None:
     return None if values is None else _floats(values)
 
 
+def _optional_pair(values) -> tuple[float, float] | None:
+    if values is None:
+        return None
+    if not isinstance(values, (list, tuple)) or len(values) != 2:
+        raise TypeError(f"expected a [low, high] pair, got {values!r}")
+    return float(values[0]), float(values[1])
+
+
 def _stride_reductions(value) -> dict[str, int]:
     if not isinstance(value, dict) or not all(isinstance(v, int) and 0 <= v <= MAX_STRIDE_REDUCTION
                                               for v in value.values()):
@@ -178,7 +216,8 @@ def parse_task_config(raw: dict, where: str, root: Path = CONFIG_DIR.parent) -> 
          "teachers": (), "root": root},
         where,
         data=lambda d: _build(DataSpec, d, f"{where}: data", input_size=int, channels=int),
-        augment=lambda a: _build(AugmentSpec, a or {}, f"{where}: augment"),
+        augment=lambda a: _build(AugmentSpec, a or {}, f"{where}: augment", crop_scale=_optional_pair,
+                                 crop_ratio=_optional_pair),
         classes=lambda names: tuple(str(n) for n in names),  # folder names and metadata are strings
         mean=_floats,
         std=_floats,
@@ -213,6 +252,30 @@ def _check_data(data: DataSpec, where: str) -> None:
         raise UserError(f"{where}: data.channels must be 1 (grayscale) or 3 (RGB), got {data.channels}")
 
 
+def augment_problem(spec: AugmentSpec) -> str | None:
+    """What is wrong with an augment block (None: nothing)."""
+    if spec.crop_padding < 0:
+        return f"augment.crop_padding must be >= 0, got {spec.crop_padding}"
+    if spec.crop_scale is not None:
+        low, high = spec.crop_scale
+        if spec.crop_padding:
+            return "augment: crop_padding and crop_scale are two kinds of crop; use one"
+        if not 0 < low <= high <= 1:
+            return f"augment.crop_scale must be [low, high] with 0 < low <= high <= 1, got {list(spec.crop_scale)}"
+    if not 0 < spec.crop_ratio[0] <= spec.crop_ratio[1]:
+        return f"augment.crop_ratio must be [low, high] with 0 < low <= high, got {list(spec.crop_ratio)}"
+    if spec.policy is not None and spec.policy not in POLICIES:
+        return f"augment.policy must be one of {', '.join(POLICIES)} (or left out), got {spec.policy!r}"
+    if spec.policy_ops < 1 or not 0 <= spec.policy_magnitude < POLICY_BINS:
+        return (f"augment.policy_ops must be >= 1 and policy_magnitude 0-{POLICY_BINS - 1}, got "
+                f"{spec.policy_ops} and {spec.policy_magnitude}")
+    if spec.eval_crop is not None and not 0 < spec.eval_crop <= 1:
+        return f"augment.eval_crop must be in (0, 1], got {spec.eval_crop}"
+    if spec.eval_fraction < 1 and spec.crop_scale is None:
+        return "augment.eval_crop below 1 needs crop_scale: training would see other images than evaluation"
+    return None
+
+
 def _folder_classes(task: TaskConfig, where: str) -> tuple[str, ...]:
     """Without a `classes` list, an image-folder task's classes are its train/ sub-folders, sorted."""
     if task.data.source != "image_folder":
@@ -221,6 +284,8 @@ def _folder_classes(task: TaskConfig, where: str) -> tuple[str, ...]:
 
 
 def _check(task: TaskConfig, where: str) -> None:
+    if problem := augment_problem(task.augment):
+        raise UserError(f"{where}: {problem}")
     unknown = sorted(set(task.student_stride_reduction) - set(STUDENT_ARCHS))
     if unknown:
         raise UserError(f"{where}: student_stride_reduction names unknown student(s) {', '.join(unknown)}; "

@@ -9,6 +9,7 @@ take their batches from the same plan (kd.batches.BatchPlan).
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import os
@@ -22,8 +23,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from kd.augment import center_crop
 from kd.batches import Batch, PlannedBatches
-from kd.config import STORAGES, AugmentSpec, TaskConfig, list_class_folders
+from kd.config import STORAGES, TaskConfig, list_class_folders
 from kd.errors import UserError
 from kd.images import IMAGE_SUFFIXES, list_images, read_image
 from kd.streaming import FileSplit
@@ -40,6 +42,7 @@ FASHION_FILES = {
 class Split:
     images: torch.Tensor  # uint8 (N, C, H, W)
     labels: torch.Tensor  # int64 (N,)
+    input_size: int | None = None  # what the model is fed (images centre-cropped, or cropped at random); None: H
 
     def __post_init__(self):
         if len(self.images) != len(self.labels):
@@ -49,7 +52,7 @@ class Split:
         return len(self.labels)
 
     def to(self, device) -> "Split":
-        return Split(self.images.to(device), self.labels.to(device))
+        return dataclasses.replace(self, images=self.images.to(device), labels=self.labels.to(device))
 
     @property
     def image_shape(self) -> tuple[int, ...]:
@@ -112,8 +115,8 @@ def load_task_data(task: TaskConfig, data_dir: str | os.PathLike | None = None, 
     stream, why = choose_storage(task, storage, sum(len(arrays[n][1]) for n in names))
     if stream:
         workers = default_workers() if num_workers is None else num_workers
-        splits = [FileSplit(tuple(paths), torch.from_numpy(labels), task.data.channels, task.data.input_size, workers)
-                  for paths, labels in (arrays[n] for n in names)]
+        splits = [FileSplit(tuple(paths), torch.from_numpy(labels), task.data.channels, task.decode_size, workers,
+                            task.data.input_size) for paths, labels in (arrays[n] for n in names)]
         source += f", streamed from its files by {workers} worker process(es)"
     else:
         splits = [_to_split(*_decoded(*arrays[n], task), task) for n in names]
@@ -135,7 +138,7 @@ def choose_storage(task: TaskConfig, storage: str, count: int) -> tuple[bool, st
         return False, f"the built-in {task.data.source} dataset"
     if storage != "auto":
         return storage == "stream", f"data.storage {storage}"
-    decoded = count * task.data.channels * task.data.input_size ** 2
+    decoded = count * task.data.channels * task.decode_size ** 2
     fits = decoded <= RESIDENT_BUDGET_BYTES
     return not fits, (f"data.storage auto: {count} images take {decoded / 1e9:.2f} GB decoded, "
                       f"{'within' if fits else 'over'} the {RESIDENT_BUDGET_BYTES / 1e9:.1f} GB budget for memory")
@@ -187,10 +190,10 @@ def _list_image_split(folder: Path, task: TaskConfig) -> tuple[np.ndarray, np.nd
 
 
 def _decoded(images: np.ndarray, labels: np.ndarray, task: TaskConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Images as uint8 arrays: file paths (an image folder's) are read and resized like the task's input."""
+    """Images as uint8 arrays: file paths (an image folder's) are read and resized to the task's decode size."""
     if images.dtype != object:
         return images, labels
-    decoded = [read_image(path, task.data.channels, task.data.input_size)
+    decoded = [read_image(path, task.data.channels, task.decode_size)
                for path in tqdm(images, desc=f"reading {len(images)} images", leave=False)]
     return np.stack(decoded), labels
 
@@ -298,8 +301,8 @@ def _to_split(images: np.ndarray, labels: np.ndarray, task: TaskConfig) -> Split
         x = x.unsqueeze(1)
     if x.shape[1] != task.data.channels:
         raise UserError(f"task {task.name} expects {task.data.channels} channel(s), data has {x.shape[1]}")
-    x = resize_uint8(x, task.data.input_size)
-    return Split(x.contiguous(), torch.from_numpy(np.asarray(labels, dtype=np.int64)))
+    x = resize_uint8(x, task.decode_size)
+    return Split(x.contiguous(), torch.from_numpy(np.asarray(labels, dtype=np.int64)), task.data.input_size)
 
 
 def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -307,22 +310,6 @@ def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
         return images
     resized = F.interpolate(images.float(), size=(size, size), mode="bilinear", align_corners=False)
     return resized.round().clamp(0, 255).to(torch.uint8)
-
-
-def apply_augment(x: torch.Tensor, spec: AugmentSpec, params: torch.Tensor) -> torch.Tensor:
-    """Random crop with zero padding and optional horizontal flip, batched on x's device."""
-    n, c, h, w = x.shape
-    if spec.crop_padding > 0:
-        p = spec.crop_padding
-        padded = F.pad(x, (p, p, p, p))
-        rows = (params[:, 0, None] + torch.arange(h, device=x.device))[:, None, :, None]
-        cols = (params[:, 1, None] + torch.arange(w, device=x.device))[:, None, None, :]
-        batch = torch.arange(n, device=x.device)[:, None, None, None]
-        chans = torch.arange(c, device=x.device)[None, :, None, None]
-        x = padded[batch, chans, rows, cols]
-    if spec.hflip:
-        x = torch.where(params[:, 2, None, None, None].bool(), x.flip(-1), x)
-    return x
 
 
 class Batches(PlannedBatches):
@@ -346,13 +333,12 @@ class Batches(PlannedBatches):
     def batch(self, idx: torch.Tensor, view: torch.Tensor | None = None) -> Batch:
         """The images at `idx`: pooled view `view` of each, or un-augmented without views."""
         idx, view = idx.cpu(), None if view is None else view.cpu()  # the pool's parameters live on the CPU
-        params = self.pool.params_at(view, idx) if self.augment is not None and view is not None else None
+        params = self.pool.params_at(view, idx) if self.augmenter is not None and view is not None else None
         return self._make_batch(idx, params, view)
 
     def _make_batch(self, idx: torch.Tensor, params: torch.Tensor | None, view: torch.Tensor | None) -> Batch:
         """The batch of CPU indices `idx`, augmented with CPU `params`, moved to the device."""
         idx, params, view = (t if t is None else t.to(self.device) for t in (idx, params, view))
         x = self.split.images[idx]
-        if params is not None:
-            x = apply_augment(x, self.augment, params)
+        x = center_crop(x, self.input_size) if params is None else self.augmenter.apply(x, params)
         return Batch(x.float().div_(255.0), self.split.labels[idx], idx, view)

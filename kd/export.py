@@ -20,6 +20,8 @@ import onnxruntime as ort
 import torch
 import torch.nn as nn
 
+from kd.augment import center_crop
+from kd.batches import input_size
 from kd.cli import ArgumentParser
 from kd.data import load_task_data
 from kd.errors import UserError, run_cli
@@ -82,11 +84,12 @@ def export_student(run_dir=None, output_dir=None, checkpoint=None) -> ExportResu
 
 def parity_images(record: RunRecord) -> torch.Tensor:
     """Up to PARITY_IMAGES test images of the run's task as float [0, 1], spread evenly over the split
-    (an image-folder split is ordered by class)."""
+    (an image-folder split is ordered by class), as evaluation feeds them (centre-cropped)."""
     settings = record.settings
     test = load_task_data(record.task, settings.data_dir, settings.data_storage, settings.num_workers).test
     index = torch.linspace(0, len(test) - 1, min(len(test), PARITY_IMAGES)).round().long()
-    return torch.stack([test.image(i) for i in index.tolist()]).float().div_(255.0)
+    images = torch.stack([test.image(i) for i in index.tolist()])
+    return center_crop(images, input_size(test)).float().div_(255.0)
 
 
 def write_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> Path:

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from kd.checkpoint import atomic_write
 from kd.cli import ArgumentParser, positive_int
 from kd.config import TaskConfig
+from kd.augment import center_crop
 from kd.images import IMAGE_SUFFIXES, list_images, read_image
 from kd.errors import UserError, run_cli
 from kd.record import open_run_student
@@ -50,10 +51,11 @@ def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
 
 
 def load_images(paths: Sequence[Path], task: TaskConfig) -> torch.Tensor:
-    """float [0, 1] images (N, C, H, W), prepared like the task's training images."""
-    images = [read_image(path, task.data.channels, task.data.input_size)
+    """float [0, 1] images (N, C, H, W), prepared as the task evaluates: resized to its decode size and
+    centre-cropped to its input size."""
+    images = [read_image(path, task.data.channels, task.decode_size)
               for path in tqdm(paths, desc="reading images", leave=False, disable=len(paths) < 100)]
-    return torch.from_numpy(np.stack(images)).float().div_(255.0)
+    return center_crop(torch.from_numpy(np.stack(images)), task.data.input_size).float().div_(255.0)
 
 
 @torch.inference_mode()

@@ -19,15 +19,14 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms.v2 import functional as TF
 
-from kd.batches import Batch, BatchPlan, PlannedBatches, ViewPool
-from kd.config import AugmentSpec
+from kd.augment import center_crop
+from kd.batches import Augment, Batch, BatchPlan, PlannedBatches, ViewPool, input_size
 from kd.errors import UserError
 from kd.images import read_image
 
 log = logging.getLogger("kd")
-Item = tuple[int, tuple[int, int, int] | None, int | None]  # (image index, augmentation params, pooled view)
+Item = tuple[int, tuple[int, ...] | None, int | None]  # (image index, augmentation params, pooled view)
 
 
 @dataclass(frozen=True)
@@ -39,6 +38,7 @@ class FileSplit:
     channels: int
     size: int  # every image is resized to size x size
     num_workers: int  # DataLoader worker processes that decode the files
+    input_size: int | None = None  # what the model is fed (see kd.data.Split); None: size
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -67,10 +67,11 @@ class FileSplit:
 
 class ImageFiles(Dataset):
     """Decodes one image per item: read and resized like the resident path (kd.images.read_image), then
-    cropped and flipped with the given parameters. An unreadable file gives None, reported by `collate`."""
+    augmented with the given parameters, or else centre-cropped to the model's input. An unreadable file
+    gives None, reported by `collate`."""
 
-    def __init__(self, split: FileSplit, augment: AugmentSpec | None):
-        self.split, self.augment = split, augment
+    def __init__(self, split: FileSplit, augment: Augment | None):
+        self.split, self.augment, self.input_size = split, augment, input_size(split)
 
     def __len__(self) -> int:
         return len(self.split)
@@ -82,17 +83,8 @@ class ImageFiles(Dataset):
             image = torch.from_numpy(read_image(path, self.split.channels, self.split.size))
         except UserError as err:
             return None, str(err)
-        if params is not None:
-            image = augment_image(image, self.augment, *params)
+        image = center_crop(image, self.input_size) if params is None else self.augment.apply_one(image, params)
         return (image, int(self.split.labels[index]), index, view), None
-
-
-def augment_image(image: torch.Tensor, spec: AugmentSpec, dy: int, dx: int, flip: int) -> torch.Tensor:
-    """kd.data.apply_augment for one image: a crop of the zero-padded image at (dy, dx), then a flip."""
-    _, height, width = image.shape
-    if spec.crop_padding:
-        image = TF.crop(TF.pad(image, [spec.crop_padding] * 4, fill=0), dy, dx, height, width)
-    return TF.horizontal_flip(image) if spec.hflip and flip else image
 
 
 def collate(samples: list) -> tuple:
@@ -119,7 +111,7 @@ class StreamBatches(PlannedBatches):
     def __init__(self, split: FileSplit, batch_size: int, device, **options):
         super().__init__(split, batch_size, device, **options)
         self.reported: set[str] = set()
-        self._loader = self._make_loader(PlanItems(self.plan, self.pool, self.augment), persistent=True)
+        self._loader = self._make_loader(PlanItems(self.plan, self.pool, self.augmenter), persistent=True)
 
     def __iter__(self) -> Iterator[Batch]:
         return self._batches(self._loader)
@@ -128,7 +120,7 @@ class StreamBatches(PlannedBatches):
         """Every image of the split in order, as pooled view `view`: what a teacher-logit cache is built from."""
         n = len(self.split)
         starts = range(0, n, batch_size)
-        items = [[pooled_item(i, view, self.pool, self.augment) for i in range(s, min(s + batch_size, n))]
+        items = [[pooled_item(i, view, self.pool, self.augmenter) for i in range(s, min(s + batch_size, n))]
                  for s in starts]
         return self._batches(self._make_loader(items, persistent=False))
 
@@ -138,7 +130,7 @@ class StreamBatches(PlannedBatches):
         mixup and the checkpoints' RNG states follow (persistent workers start once per process, so a
         resumed run would draw where the uninterrupted one did not). The workers draw nothing random."""
         workers = self.split.num_workers
-        return DataLoader(ImageFiles(self.split, self.augment), batch_sampler=batch_sampler, num_workers=workers,
+        return DataLoader(ImageFiles(self.split, self.augmenter), batch_sampler=batch_sampler, num_workers=workers,
                           collate_fn=collate, pin_memory=self.device.type == "cuda",
                           persistent_workers=persistent and workers > 0, prefetch_factor=2 if workers else None,
                           generator=torch.Generator())
@@ -158,8 +150,8 @@ class StreamBatches(PlannedBatches):
                 log.warning("skipped an unreadable image: %s", error)
 
 
-def pooled_item(index: int, view: int, pool: ViewPool, augment: AugmentSpec | None) -> Item:
-    """What a worker needs for pooled view `view` of an image: its index, crop and flip, and the view."""
+def pooled_item(index: int, view: int, pool: ViewPool, augment: Augment | None) -> Item:
+    """What a worker needs for pooled view `view` of an image: its index, augmentation parameters, the view."""
     return index, None if augment is None else tuple(pool.params(view)[index].tolist()), view
 
 
@@ -171,7 +163,7 @@ class PlanItems:
     collector frees, which may then run in a worker forked later and fail to stop this loader's workers.
     """
 
-    def __init__(self, plan: BatchPlan, pool: ViewPool | None, augment: AugmentSpec | None):
+    def __init__(self, plan: BatchPlan, pool: ViewPool | None, augment: Augment | None):
         self.plan, self.pool, self.augment = plan, pool, augment
 
     def __len__(self) -> int:

@@ -96,7 +96,6 @@ def train_student(settings: TrainSettings, given: Collection[str] | None = None,
                           pretrained=False if record else _pretrained_path(settings.pretrained))
         if trainee.pretrained:
             trainee.build()
-            log.info("student %s starts from %s", student_name, _start_weights(trainee.pretrained))
         ensemble = ensure_teachers(task, data, precision, world, settings.teacher_epochs) if settings.alpha > 0 \
             else None
         run_dir = record.run_dir if record else (create_run_dir(settings.output_dir, run_name(
@@ -235,7 +234,8 @@ def train_teacher(spec: TeacherSpec, task: TaskConfig, data: TaskData, precision
     checkpoint path; an interrupted teacher run is resumed as its record says."""
     path, run_dir = task.teacher_checkpoint(spec), teacher_run_dir(task, spec)
     settings, model = teacher_settings(spec.recipe, task, teacher_epochs), teacher_build(spec, task)
-    if (run_dir / LAST_CHECKPOINT).is_file():
+    resumed = (run_dir / LAST_CHECKPOINT).is_file()
+    if resumed:
         record = read_record(run_dir)
         settings, model = dataclasses.replace(record.settings, resume=str(run_dir)), record.recorded_model or model
         log.warning("TEACHER CHECKPOINT MISSING: %s. Continuing the interrupted training of teacher %s (%s) "
@@ -251,7 +251,7 @@ def train_teacher(spec: TeacherSpec, task: TaskConfig, data: TaskData, precision
                       {"arch": spec.arch, "classes": list(task.classes), "task": task.name, "teacher": spec.name,
                        "recipe": dataclasses.asdict(spec.recipe), "pretrained": str(task.pretrained_weights(spec)),
                        "build": model.to_dict()},
-                      pretrained=task.pretrained_weights(spec))
+                      pretrained=False if resumed else task.pretrained_weights(spec))  # resumed: its checkpoint's
     run_training(run_dir, settings, task, trainee, precision, data, world)
     with main_process_first(world):
         if world.is_main:
@@ -319,6 +319,8 @@ def _train_in(run_dir: Path, settings: TrainSettings, task: TaskConfig, trainee:
     seed_everything(settings.seed)
     model = trainee.build().to(device)
     log.info("%s: %.2fM parameters", trainee.label, count_parameters(model) / 1e6)
+    if trainee.pretrained:
+        log.info("%s starts from %s", trainee.label, _start_weights(trainee.pretrained))
     trained = _wrap_for_training(model, settings, device, world)
     optimizer = make_optimizer(settings, model.parameters())
     scheduler = make_scheduler(settings, optimizer)

@@ -104,9 +104,12 @@ def test_the_key_holds_everything_that_determines_a_logit(tmp_path):
         "data": Batches(Split(batches.split.images.flip(0), batches.split.labels), 16, "cpu",
                         augment=batches.augment, views=3),
         "view parameters": Batches(batches.split, 16, "cpu", augment=batches.augment, views=3, pool_seed=1),
+        **{f"photo {policy}": Batches(batches.split, 16, "cpu", views=3, augment=AugmentSpec(
+            crop_scale=(0.5, 1.0), policy=policy)) for policy in ("trivialaugment", "randaugment")},
     }
-    for what, variant in variants.items():
-        assert open_cache(ensemble, checkpoints, variant, tmp_path / "c").paths(0)[1] != paths[1], what
+    keys = {what: open_cache(ensemble, checkpoints, variant, tmp_path / "c").paths(0)[1]
+            for what, variant in variants.items()}
+    assert paths[1] not in keys.values() and len(set(keys.values())) == len(keys)  # each its own views
     bf16 = Precision(torch.device("cpu"), torch.bfloat16)
     assert open_cache(ensemble, checkpoints, batches, tmp_path / "c", precision=bf16).paths(0)[1] != paths[1]
 

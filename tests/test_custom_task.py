@@ -172,6 +172,7 @@ def test_config_checks_the_image_folder_keys(tmp_path):
 def test_template_config_parses_and_saved_configs_keep_absolute_paths(tmp_path):
     template = load_task_config(str(Path(__file__).resolve().parent.parent / "configs" / "task_template.yaml"))
     assert template.data.source == "image_folder" and template.teachers[1].pretrained is True
+    assert template.augment.policy == "trivialaugment" and template.decode_size == 146  # a photo task
     write_colour_folder(tmp_path / "data", splits=("train",))
     task = load_task_config(str(write_config(tmp_path, {})))
     saved = task.to_dict()

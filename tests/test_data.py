@@ -7,8 +7,8 @@ import torch
 
 import kd.data
 from kd.config import AugmentSpec, load_task_config, parse_task_config
-from kd.batches import sample_augment_params
-from kd.data import Batches, Split, _read_idx, apply_augment, load_task_data
+from kd.augment import PadCropFlip
+from kd.data import Batches, Split, _read_idx, load_task_data
 from kd.errors import UserError
 from tests.conftest import tiny_task_raw
 
@@ -93,8 +93,8 @@ def test_a_given_data_dir_is_the_only_place_looked_in(tmp_path, monkeypatch):
 
 def test_augmentation_is_a_shifted_crop_and_flip():
     x = torch.arange(2 * 1 * 4 * 4, dtype=torch.uint8).view(2, 1, 4, 4)
-    spec = AugmentSpec(crop_padding=1, hflip=True)
-    out = apply_augment(x, spec, sample_augment_params(2, spec, torch.Generator().manual_seed(0), "cpu"))
+    augment = PadCropFlip(AugmentSpec(crop_padding=1, hflip=True))
+    out = augment.apply(x, augment.sample(2, torch.Generator().manual_seed(0)))
     assert out.shape == x.shape
     for i in range(2):
         padded = torch.nn.functional.pad(x[i], (1, 1, 1, 1))

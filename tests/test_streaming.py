@@ -10,8 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
 import torch
 import yaml
+from safetensors.torch import save_file
 
 import kd.data
 from kd.cache import DiskViews, TeacherLogitCache
@@ -22,7 +24,7 @@ from kd.engine import Precision
 from kd.errors import UserError
 from kd.evaluation import evaluate_task
 from kd.record import open_run_student
-from kd.export import parity_images
+from kd.export import export_student, parity_images
 from kd.models import create_model
 from kd.speed import SpeedSettings
 from kd.students import build_student
@@ -34,6 +36,7 @@ from tests.test_resume import assert_same_run
 
 CPU = Precision(torch.device("cpu"), None)
 AUGMENT = AugmentSpec(crop_padding=2, hflip=True)
+PHOTO = AugmentSpec(crop_scale=(0.3, 1.0), hflip=True, policy="randaugment")
 
 
 @pytest.fixture(autouse=True)
@@ -63,7 +66,7 @@ def assert_same_batches(a, b) -> None:
             assert (x is None and y is None) or torch.equal(x, y)
 
 
-@pytest.mark.parametrize("augment", [None, AUGMENT], ids=["plain", "augmented"])
+@pytest.mark.parametrize("augment", [None, AUGMENT, PHOTO], ids=["plain", "augmented", "photo"])
 def test_stream_gives_the_resident_paths_batches(folder_task, augment):
     memory, stream = both_paths(folder_task)
     assert isinstance(memory.train, Split) and isinstance(stream.train, FileSplit)
@@ -223,15 +226,32 @@ def train_args(config: Path, tmp_path: Path, output: str, *extra: str) -> list[s
             "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(tmp_path / output), *extra]
 
 
+@pytest.fixture
+def photo_task(folder_task, tmp_path):
+    """The colour folder as a photo task: random-resized crops, a flip and TrivialAugmentWide in training,
+    a centre crop of 14 from 16 px at evaluation; and the local weights file of a pretrained student."""
+    raw = yaml.safe_load(folder_task.read_text())
+    raw["data"]["input_size"] = 14
+    raw["augment"] = {"crop_scale": [0.4, 1.0], "hflip": True, "policy": "trivialaugment", "eval_crop": 0.875}
+    folder_task.write_text(yaml.safe_dump(raw))
+    torch.manual_seed(0)
+    save_file(timm.create_model("mobilenetv3_small_100", num_classes=1000).state_dict(), tmp_path / "imagenet.safetensors")
+    return folder_task
+
+
 @pytest.mark.slow
-def test_streamed_run_resumes_exactly_after_kill_then_evaluates_and_reads_export_images(folder_task, tmp_path, capsys):
+def test_a_streamed_photo_task_with_a_pretrained_student_resumes_exactly_evaluates_and_exports(photo_task, tmp_path,
+                                                                                               capsys):
+    folder_task = photo_task
+    pretrained = ("--pretrained", str(tmp_path / "imagenet.safetensors"))
     # only the run to kill is a process of its own (start-up costs seconds), with this process's threads
-    reference = run_in_process(train_args(folder_task, tmp_path, "ref"), capsys)
+    reference = run_in_process(train_args(folder_task, tmp_path, "ref", *pretrained), capsys)
     log = (reference / "train.log").read_text()
     assert "data: streamed from disk (data.storage stream)" in log and "MB on disk" in log
     assert list((tmp_path / "cache").glob("*.npy"))
 
-    killed_after_first_checkpoint(train_args(folder_task, tmp_path, "killed"), tmp_path / "killed")
+    assert "starts from the pretrained weights in" in log
+    killed_after_first_checkpoint(train_args(folder_task, tmp_path, "killed", *pretrained), tmp_path / "killed")
     resumed = run_in_process(train_args(folder_task, tmp_path, "killed", "--resume", "auto"), capsys)
     assert_same_run(reference, resumed)
 
@@ -245,7 +265,10 @@ def test_streamed_run_resumes_exactly_after_kill_then_evaluates_and_reads_export
     resident = dataclasses.replace(record, body={**record.body, "settings": {**record.body["settings"],
                                                                              "data_storage": "memory"}})
     assert torch.equal(parity_images(record), parity_images(resident))
+    assert parity_images(record).shape[-2:] == (14, 14)  # centre-cropped from the decoded 16 px
     assert yaml.safe_load((resumed / "config.yaml").read_text())["settings"]["data_storage"] == "stream"
+    exported = export_student(resumed)
+    assert max(exported.max_abs_diff.values()) <= exported.tolerance
 
 
 @pytest.mark.slow
