@@ -103,7 +103,7 @@ def repeated_views_note(num_epochs: int, batches) -> str | None:
         return None
     return (f"teacher-logit cache: {num_epochs} epochs replay {batches.num_views} augmented views per image, so "
             f"each view comes back about {num_epochs / batches.num_views:.0f} times; that costs accuracy against "
-            f"online teachers (README, \"The teacher-logit cache\"): the default --teacher_cache_views (the run's "
+            f"online teachers (docs/cache-resume-torchrun.md): the default --teacher_cache_views (the run's "
             "epochs) or --teacher_cache off avoids it")
 
 

@@ -147,8 +147,8 @@ def halve_first_downsampling(model: nn.Module) -> nn.Module:
 
     ImageNet models shrink the input 32x; a 28x28 image would reach 1x1 after three stages.
     Halving the first stride keeps a 2x2 final map on 28x28 inputs; every layer after it then
-    runs on a map twice as wide and high, so the model costs up to 4x the compute (README,
-    "Fitting the models to small images"). Calling it again halves the next downsampling layer.
+    runs on a map twice as wide and high, so the model costs up to 4x the compute (docs/training.md,
+    "Fitting ImageNet models to small images"). Calling it again halves the next downsampling layer.
     Patchify stems (kernel == stride, as in ConvNeXt) are rebuilt with half the kernel so they
     still tile the image.
     """

@@ -14,7 +14,7 @@ OPTIMIZERS = ("adam", "adamw")
 LR_SCHEDULES = ("step", "cosine")
 WEIGHTING_SCHEMES = ("uniform", "fixed", "entropy", "confidence")  # how teachers are weighted: kd.losses
 # The students (--student_model): the deployment-sized member of each family, by its timm name; see the
-# README for the measured trade-offs.
+# docs/training.md for the measured trade-offs.
 STUDENT_ARCHS = {
     "MobileNetV3": "mobilenetv3_small_100",
     "EfficientNet": "efficientnet_b0",

@@ -20,7 +20,7 @@ def with_stride_reduction(task: TaskConfig, name: str, halvings: int | None) -> 
 
 def student_build(name: str, task: TaskConfig) -> ModelBuild:
     """How a student for the task is built: fitted to its input as the task config says (measured per
-    task: README)."""
+    task: docs/training.md)."""
     name = canonical_student_name(name)
     return ModelBuild(STUDENT_ARCHS[name], task.num_classes, task.data.channels, task.data.input_size,
                       task.student_stride_reduction.get(name, default_stride_reduction(task.data.input_size)),

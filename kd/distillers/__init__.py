@@ -5,7 +5,7 @@ the teachers' logits into the teacher term of the loss. The registry is all the 
 knows of it: train.py's --kd_loss choices and --kd_params, config.yaml and --resume (through the run's
 settings), the study's arms (benchmarks/kd_study.py) and tune.py's search space read the names and
 parameters here. Kept free of torch, so that train.py --help answers at once; `make_distiller` imports
-a method's module only when a run uses it. Adding a method: README, "Adding a distillation method".
+a method's module only when a run uses it. Adding a method: docs/design.md, "Adding a distillation method".
 """
 
 from __future__ import annotations

@@ -1,0 +1,233 @@
+"""The results page (docs/results.md) and the README's results table, made from the files under
+evaluation/, never copied by hand: evaluation.py's summary, the teacher runs, the KD studies
+(benchmarks/kd_study.py) and the tuning studies (tune.py).
+
+    python -m kd.experiments.results           # rewrite docs/results.md and the README's table
+    python -m kd.experiments.results --check   # exit 1 when either is not what the files give
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import yaml
+
+from kd.experiments.study import BASELINE, ArmStats, confidence_interval, or_dash, read_rows, summarize
+from kd.settings import TrainSettings
+
+ROOT = Path(__file__).resolve().parents[2]
+PAGE = Path("docs/results.md")
+README = Path("README.md")
+TABLE_START = "<!-- results table: made by python -m kd.experiments.results from evaluation/; do not edit -->"
+TABLE_END = "<!-- end of the results table -->"
+# The studies the README's table shows (the page shows every study): the quick start's recipe, train.py's
+# defaults as a new user runs them, and task B's longest study.
+HEADLINES = ("TaskA_40ep_halved2_a09_T8_mixup", "TaskA_20ep_default_cache", "TaskB_4ep")
+# settings that say where or how fast a run ran, not what it learnt
+NOT_RECIPE = ("device", "amp", "channels_last", "compile", "data_dir", "teacher_epochs", "teacher_weights")
+
+
+@dataclass(frozen=True)
+class Study:
+    name: str
+    task: str
+    student: str
+    budget: str  # the settings that differ from train.py's defaults, as flags
+    test_images: int | None
+    arms: list[ArmStats]
+
+    @property
+    def best(self) -> ArmStats | None:
+        """The distilling arm of the highest mean test accuracy (None: the study has only its baseline)."""
+        return max((a for a in self.arms if a.arm != BASELINE), key=lambda a: a.mean, default=None)
+
+    @property
+    def baseline(self) -> ArmStats | None:
+        return next((a for a in self.arms if a.arm == BASELINE), None)
+
+
+def budget_flags(budget: dict) -> str:
+    """The flags that set `budget` where it differs from train.py's defaults."""
+    defaults = {f.name: f.default for f in fields(TrainSettings)}
+    changed = {k: v for k, v in sorted(budget.items()) if k not in NOT_RECIPE and k in defaults and v != defaults[k]}
+    return " ".join(f"--{k} {v:g}" if isinstance(v, float) else f"--{k} {v}" for k, v in changed.items())
+
+
+def read_studies(evaluation: Path) -> list[Study]:
+    studies = []
+    for folder in sorted((evaluation / "study").iterdir()):
+        rows = read_rows(folder / "runs.csv")
+        if not rows:
+            continue
+        teachers = folder / "teachers.json"
+        images = json.loads(teachers.read_text())["test_images"] if teachers.is_file() else None
+        kd_alpha = max(row["alpha"] for row in rows)  # the distilling arms' (alpha0's is 0)
+        budget = budget_flags({**rows[0]["budget"], "num_epochs": max(row["epochs"] for row in rows),
+                               "alpha": kd_alpha})
+        for student, arms in summarize(rows).items():
+            studies.append(Study(folder.name, rows[0]["task"], student, budget, images, arms))
+    return studies
+
+
+def paired_text(arm: ArmStats) -> str:
+    """The paired difference against labels only: its mean and 95% confidence interval, in points."""
+    interval = confidence_interval(list(arm.paired.values()))
+    if arm.paired_mean is None:
+        return "-"
+    if interval is None:
+        return f"{or_dash(arm.paired_mean, '+.2f')} (one seed)"
+    return f"{or_dash(arm.paired_mean, '+.2f')} [{or_dash(interval[0], '+.2f')}, {or_dash(interval[1], '+.2f')}]"
+
+
+def accuracy_text(arm: ArmStats) -> str:
+    return f"{arm.mean:.2f} ± {or_dash(arm.sd, '.2f')}"
+
+
+def readme_table(studies: list[Study]) -> list[str]:
+    lines = ["| task | student | budget (flags beyond the defaults) | arm | seeds | test acc % (mean ± sd) | "
+             "vs labels only, paired: mean [95% CI] pts | verdict | test images |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name in HEADLINES:
+        for study in (s for s in studies if s.name == name):
+            for arm in (study.baseline, study.best):
+                if arm is not None:
+                    lines.append(f"| {study.task} | {study.student} | `{study.budget}` | {arm.arm} | "
+                                 f"{len(arm.accuracies)} | {accuracy_text(arm)} | {paired_text(arm)} | "
+                                 f"{arm.verdict} | {study.test_images or '-'} |")
+    return lines
+
+
+def students_section(evaluation: Path) -> list[str]:
+    summary = evaluation / "summary.json"
+    if not summary.is_file():
+        return []
+    lines = ["## The evaluated students (`python evaluation.py`)", "",
+             "| task | student | test acc % | best teacher | its test acc % | ensemble % | run | test images |",
+             "|---|---|---|---|---|---|---|---|"]
+    for task in json.loads(summary.read_text())["tasks"]:
+        if task.get("status") != "ok":
+            continue
+        metrics = json.loads((evaluation / f"Task{task['task']}" / "metrics.json").read_text())
+        provenance = metrics["provenance"]
+        lines.append(f"| {task['task']} | {task['student']} | {100 * task['student_acc']:.2f} | "
+                     f"{task['best_teacher']} | {100 * task['best_teacher_acc']:.2f} | "
+                     f"{100 * task['ensemble_acc']:.2f} | `{Path(provenance['run_dir']).name}` | "
+                     f"{provenance['test_size']} |")
+    return lines + ["", "One seed each; figures and metrics.json in evaluation/Task<name>/.", ""]
+
+
+BEST_EPOCH = re.compile(r"best epoch (\d+): val acc ([\d.]+), test acc ([\d.]+)")
+
+
+def teachers_section(evaluation: Path) -> list[str]:
+    folders = sorted(p for p in (evaluation / "teacher_runs").glob("*") if (p / "train.log").is_file())
+    if not folders:
+        return []
+    lines = ["## Teachers trained by their recipes (`train.py --teachers_only`)", "",
+             "| run | architecture | epochs | best epoch | val acc % | test acc % |", "|---|---|---|---|---|---|"]
+    for folder in folders:
+        found = BEST_EPOCH.findall((folder / "train.log").read_text())
+        if not found:
+            continue
+        epoch, val, test = found[-1]
+        config = yaml.safe_load(next(folder.glob("*.yaml")).read_text())
+        arch = ", ".join(t["arch"] for t in config["teachers"])
+        epochs = sum(1 for _ in (folder / "metrics.csv").open()) - 1
+        lines.append(f"| {folder.name} | {arch} | {epochs} | {epoch} | {100 * float(val):.2f} | "
+                     f"{100 * float(test):.2f} |")
+    return lines + ["", "One seed each; the log, metrics and task config of each run in evaluation/teacher_runs/.", ""]
+
+
+def studies_section(studies: list[Study]) -> list[str]:
+    lines = ["## KD studies (`benchmarks/kd_study.py`)", "",
+             "Each arm trains the student once per seed at the study's budget; alpha0 is labels only (`--alpha 0`). "
+             "The paired difference is the arm minus alpha0 on the same seed; \"gain\" or \"loss\" only where its "
+             "95% confidence interval (Student's t) excludes zero. Each study's summary.md in evaluation/study/ "
+             "has the per-seed figures, wall times and the command that reproduces it.", ""]
+    for study in studies:
+        lines += [f"### {study.name}: task {study.task}, {study.student}", "",
+                  f"Budget: `{study.budget or '(train.py defaults)'}`; test images: {study.test_images or '-'}.", "",
+                  "| arm | seeds | test acc % (mean ± sd) | vs alpha0, paired: mean [95% CI] pts | verdict |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {a.arm} | {len(a.accuracies)} | {accuracy_text(a)} | {paired_text(a)} | {a.verdict} |"
+                  for a in study.arms]
+        lines.append("")
+    return lines
+
+
+def tuning_section(evaluation: Path) -> list[str]:
+    files = sorted((evaluation / "tune").glob("*/best.yaml"))
+    if not files:
+        return []
+    lines = ["## Tuning studies (`tune.py`)", "",
+             "Settings chosen on validation accuracy; test accuracy read once at the end, then confirmed over "
+             "seeds against train.py's defaults at the same budget.", ""]
+    for path in files:
+        best = yaml.safe_load(path.read_text())
+        settings = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
+                             for k, v in best["best"]["settings"].items())
+        lines += [f"### {best['study']}", "",
+                  f"Trials: {best['trials']['complete']} complete, {best['trials']['pruned']} pruned. Best: "
+                  f"{settings}; val {100 * best['best']['val_acc']:.2f}%, test {100 * best['best']['test_acc']:.2f}% "
+                  f"(defaults: test {100 * best['defaults']['test_acc']:.2f}%).", "",
+                  f"Command: `{' '.join(best['best']['command'].split())}`", ""]
+        confirmation = best.get("confirmation")
+        if confirmation:
+            per_seed = confirmation["test_acc_percent"]
+            differences = [v["tuned"] - v["defaults"] for v in per_seed.values()]
+            interval = confidence_interval(differences)
+            ci = "" if interval is None else f" [{interval[0]:+.2f}, {interval[1]:+.2f}]"
+            lines += [f"Confirmation over seeds {', '.join(map(str, per_seed))}: tuned "
+                      f"{confirmation['tuned_mean']:.2f} ± {confirmation['tuned_sd']:.2f}%, defaults "
+                      f"{confirmation['defaults_mean']:.2f} ± {confirmation['defaults_sd']:.2f}%; paired "
+                      f"{confirmation['paired_mean']:+.2f}{ci} pts: {confirmation['verdict']}.", ""]
+    return lines
+
+
+def results_page(evaluation: Path) -> str:
+    studies = read_studies(evaluation)
+    lines = ["# Results", "",
+             "Made by `python -m kd.experiments.results` from the files under evaluation/ (a test checks that "
+             "this page and the README's table are what those files give); the discussion of how each was "
+             "measured, and earlier releases' figures, are in CHANGELOG.md. Every accuracy is on the test "
+             "split, which no choice looked at. All on 2-core x86 CPU machines.", "",
+             *students_section(evaluation), *teachers_section(evaluation), *studies_section(studies),
+             *tuning_section(evaluation)]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def with_table(readme: str, table: list[str]) -> str:
+    """The README with the text between its table markers replaced by `table`."""
+    start, end = readme.find(TABLE_START), readme.find(TABLE_END)
+    if start < 0 or end < start:
+        raise ValueError(f"{README} lacks the results table markers {TABLE_START!r} ... {TABLE_END!r}")
+    return readme[:start + len(TABLE_START)] + "\n" + "\n".join(table) + "\n" + readme[end:]
+
+
+def expected_files(root: Path = ROOT) -> dict[Path, str]:
+    evaluation = root / "evaluation"
+    table = readme_table(read_studies(evaluation))
+    return {root / PAGE: results_page(evaluation), root / README: with_table((root / README).read_text(), table)}
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--check", action="store_true", help="change nothing; exit 1 when a file is stale")
+    args = p.parse_args(argv)
+    stale = [path for path, text in expected_files().items() if not path.is_file() or path.read_text() != text]
+    if args.check:
+        for path in stale:
+            print(f"{path.relative_to(ROOT)} is stale: run python -m kd.experiments.results", file=sys.stderr)
+        return 1 if stale else 0
+    for path, text in expected_files().items():
+        path.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

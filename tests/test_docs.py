@@ -1,0 +1,84 @@
+"""The manual is right: every command in README.md and docs/ parses with its script's parser, and the
+results page and the README's results table are what the files under evaluation/ give."""
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+import evaluation
+import train
+import tune
+from conftest import ROOT, load_benchmark
+from kd import evaluation as task_evaluation
+from kd import export, predict
+from kd.cli import parse_with_recipe
+from kd.experiments import results
+
+MANUAL = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+PARSERS = {
+    "train.py": train.get_args_parser, "tune.py": tune.get_args_parser, "evaluation.py": evaluation.get_args_parser,
+    "evaluation_taska.py": lambda: task_evaluation.task_parser("A"),
+    "evaluation_taskb.py": lambda: task_evaluation.task_parser("B"),
+    "evaluation_task.py": lambda: task_evaluation.task_parser(None),
+    "predict.py": predict.get_args_parser, "export.py": export.get_args_parser,
+}
+SCRIPT = re.compile(r"(?:^|\s)((?:benchmarks/)?\w+\.py)(\s|$)")
+
+
+def shell_blocks(text: str):
+    """The lines of each ```bash block, continuation lines joined."""
+    for block in re.findall(r"```(?:bash|sh)\n(.*?)```", text, flags=re.S):
+        yield from block.replace("\\\n", " ").splitlines()
+
+
+def inline_commands(text: str):
+    """Commands quoted in the text (`python train.py ...`), line breaks inside them joined."""
+    for code in re.findall(r"`((?:python|torchrun) [^`]+)`", text):
+        yield " ".join(code.split())
+
+
+def commands() -> list[tuple[str, str]]:
+    """(where, command line) of every python/torchrun command of a project script in the manual."""
+    found = []
+    for page in MANUAL:
+        text = page.read_text()
+        for line in [*shell_blocks(text), *inline_commands(text)]:
+            words = shlex.split(line, comments=True)
+            if words and words[0] in ("python", "torchrun") and SCRIPT.search(line):
+                found.append((page.relative_to(ROOT).as_posix(), line.strip()))
+    return found
+
+
+def parser_for(script: str):
+    if script.startswith("benchmarks/"):
+        return load_benchmark(Path(script).stem).get_args_parser()
+    return PARSERS[script]()
+
+
+def test_the_manual_has_commands_of_every_script():
+    scripts = {SCRIPT.search(line).group(1) for _, line in commands()}
+    assert set(PARSERS) <= scripts and any(s.startswith("benchmarks/") for s in scripts)
+
+
+@pytest.mark.parametrize("where, line", commands(), ids=lambda value: value[:80])
+def test_every_command_in_the_manual_parses(where, line):
+    words = shlex.split(line, comments=True)
+    script = next(w for w in words if SCRIPT.fullmatch(f" {w}"))
+    argv = [w for w in words[words.index(script) + 1:] if w != "..."]  # "...": flags the text leaves out
+    parser = parser_for(script)
+    try:
+        parse_with_recipe(parser, argv) if script == "train.py" else parser.parse_args(argv)
+    except SystemExit as err:
+        pytest.fail(f"{where}: `{line}` does not parse (exit {err.code})")
+
+
+def test_the_results_page_and_the_readme_table_are_current():
+    stale = [path.relative_to(ROOT).as_posix() for path, text in results.expected_files().items()
+             if path.read_text() != text]
+    assert not stale, f"{stale} differ from what evaluation/ gives: run python -m kd.experiments.results"
+
+
+def test_the_readme_is_a_manual_of_at_most_about_350_lines():
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 350
