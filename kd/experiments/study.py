@@ -61,8 +61,9 @@ ARMS = {
     "confidence": Arm(True, "confidence", "on"),
     # against "uniform": does the cache cost accuracy against online teachers?
     "uniform_online": Arm(True, "uniform", "off"),
-    # every other distillation method, uniformly weighted from the cache: an arm of its own name
-    **{name: Arm(True, "uniform", "on", name) for name in METHODS if name != "kd"},
+    # every other distillation method, uniformly weighted: an arm of its own name, from the cache where
+    # the run can use one (with mixup the teachers run online on the blended images)
+    **{name: Arm(True, "uniform", "auto", name) for name in METHODS if name != "kd"},
 }
 BASELINE = "alpha0"
 DEFAULT_SEEDS = (1, 2, 3)
@@ -456,7 +457,7 @@ def format_study_summary(task: TaskConfig, plan: StudyPlan, base: TrainSettings,
              f"({base.teacher_cache_views or base.num_epochs} views per image); "
              "uniform_online = uniform KD with the teachers run online on fresh augmentation; "
              + ", ".join(name for name in METHODS if name != "kd") + " = that distillation method (--kd_loss), "
-             "uniformly weighted, from the cache. KD runs count only "
+             "uniformly weighted, from the cache (online under mixup). KD runs count only "
              "beside the teacher checkpoints they learnt from (runs.csv's teachers column), those below.", "",
              VERDICT_RULE, ""]
     for student, arms in stats.items():
