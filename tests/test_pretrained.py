@@ -1,17 +1,15 @@
 """Pretrained students (--pretrained FILE): the backbone starts from the file, the classifier is new and
 zero; a resumed run no longer needs the file; a missing or mismatched file stops the run in one line."""
 
-import subprocess
-import sys
-
 import pytest
 import timm
 import torch
 import yaml
 from safetensors.torch import save_file
 
-from conftest import ROOT, run_in_process, write_task
+from conftest import run_in_process, write_task
 from kd.checkpoint import load_weights
+from kd.errors import UserError
 
 ARCH = "mobilenetv3_small_100"  # the MobileNetV3 student's timm architecture
 
@@ -54,13 +52,13 @@ def test_a_student_starts_from_a_local_weights_file_with_a_zero_classifier(tmp_p
 
 @pytest.mark.parametrize("problem", ["missing", "another architecture"])
 def test_a_missing_or_mismatched_weights_file_is_one_line_before_any_teacher_trains(tmp_path, problem):
+    import train
+
     task = write_task(tmp_path)  # its teachers are missing: they would train first with --alpha 0.5
     source = tmp_path / "start.safetensors"
     if problem == "another architecture":
         weights_file(source, arch="resnet18")
-    command = [sys.executable, "train.py", *argv(task, tmp_path / "runs", "--pretrained", str(source)),
-               "--alpha", "0.5"]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
-    assert str(source) in result.stderr
+    with pytest.raises(UserError) as err:  # run_cli prints it as one line, exit 1 (test_cli.py)
+        train.main([*argv(task, tmp_path / "runs", "--pretrained", str(source)), "--alpha", "0.5"])
+    assert str(source) in str(err.value) and "\n" not in str(err.value)
     assert not (tmp_path / "teachers").exists() and not list(tmp_path.glob("runs/*"))  # no teacher, no run
