@@ -8,6 +8,7 @@ included), plus the validation accuracy of online and cached KD from the same se
 
     python benchmarks/throughput.py --task B --quick          # a few minutes on a laptop CPU
     python benchmarks/throughput.py --task B --device cuda    # the full training split on a GPU
+    python benchmarks/throughput.py --task B --quick --efficiency   # each model's step against the matmul peak
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ from kd.data import Batches, Split, load_task_data
 from kd.engine import evaluate, fit, online_teachers, select_device, select_precision, train_one_epoch
 from kd.distillers import METHODS, make_distiller
 from kd.distillers.kd import KD
+from kd.models import count_parameters
+from kd.settings import STUDENT_ARCHS
+from kd.speed import forward_flops, matmul_peak
 from kd.students import build_student
 from kd.teachers import TeacherEnsemble, build_teacher, load_teacher, teacher_build
 
@@ -40,6 +44,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--subset", type=int, default=None, help="training images used (default: all; --quick: 512)")
     p.add_argument("--sweep_runs", type=int, default=5)
     p.add_argument("--sweep_epochs", type=int, default=10)
+    p.add_argument("--efficiency", action="store_true",
+                   help="only the table of every student's and teacher's training step against the device's "
+                        "matmul peak (images/s, FLOPs per image, % of the fp32 and bf16 peaks)")
     return p
 
 
@@ -74,12 +81,12 @@ def timed(fn) -> tuple[object, float]:
 
 
 class StudentTrainer:
-    """A fresh student with its optimizer, warmed up, that times one training epoch at a time."""
+    """A fresh student (or any model) with its optimizer, warmed up, that times one training epoch at a time."""
 
     def __init__(self, args, task, batches, precision, alpha, teachers, channels_last=True, compiled=False,
-                 method="kd"):
+                 method="kd", model=None):
         torch.manual_seed(0)
-        self.student = build_student(args.student_model, task).to(precision.device)
+        self.student = (model or build_student(args.student_model, task)).to(precision.device)
         if channels_last:
             self.student.to(memory_format=torch.channels_last)
         self.optimizer = torch.optim.Adam(self.student.parameters(), lr=1e-3)
@@ -128,6 +135,29 @@ def sweep(args, task, train, val, precision, teachers) -> tuple[float, list[floa
     return time.perf_counter() - started, accuracies
 
 
+def efficiency(args, task, train_split, precision) -> None:
+    """For every student and every teacher of the task: the labels-only training step's images/s, its
+    FLOPs per image (three times the forward's: torch.utils.flop_counter miscounts the backward of
+    grouped convolutions) and the fraction of this device's fp32 and bf16 matmul peaks it reaches."""
+    device = precision.device
+    peaks = {dtype: matmul_peak(dtype, device) for dtype in (torch.float32, torch.bfloat16)}
+    print(f"matmul peak ({torch.get_num_threads()} threads): fp32 {peaks[torch.float32] / 1e9:.0f} GFLOP/s, "
+          f"bf16 {peaks[torch.bfloat16] / 1e9:.0f} GFLOP/s; training steps at batch {args.batch_size}, "
+          f"{precision.name}, channels_last, on {len(train_split)} images")
+    print(f"  {'model':34s} {'params':>8s} {'images/s':>9s} {'GFLOP/image':>12s} {'GFLOP/s':>8s} "
+          f"{'% fp32 peak':>11s} {'% bf16 peak':>11s}")
+    fresh = Batches(train_split, args.batch_size, device, shuffle=True, augment=task.augment, seed=0)
+    models = {f"student {name} ({arch})": build_student(name, task) for name, arch in STUDENT_ARCHS.items()}
+    models.update({f"teacher {spec.name} ({spec.arch})": build_teacher(spec, task) for spec in task.teachers})
+    for label, model in models.items():
+        flops = 3 * forward_flops(model, train_split.images[:2].float().div(255)) / 2
+        rate = best_rates({label: StudentTrainer(args, task, fresh, precision, 0.0, None, model=model)}, 2)[label]
+        achieved = rate * flops
+        print(f"  {label:34s} {count_parameters(model) / 1e6:7.2f}M {rate:9.0f} {flops / 1e9:12.3f} "
+              f"{achieved / 1e9:8.1f} {100 * achieved / peaks[torch.float32]:10.1f}% "
+              f"{100 * achieved / peaks[torch.bfloat16]:10.1f}%")
+
+
 def main(args) -> None:
     torch.set_float32_matmul_precision("high")
     task = load_task_config(args.task)
@@ -136,6 +166,8 @@ def main(args) -> None:
     data = load_task_data(task)
     n = args.subset or (512 if args.quick else None)
     train_split, val_split = subset(data.train, n), subset(data.val, 1000 if args.quick else None)
+    if args.efficiency:
+        return efficiency(args, task, train_split, precision)
     models, checkpoints, kind = teachers_for(task)
     ensemble = TeacherEnsemble({t.name: m for t, m in zip(task.teachers, models)})
     ensemble.to(device, memory_format=torch.channels_last)  # as train.py does by default

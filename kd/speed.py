@@ -1,4 +1,5 @@
-"""Inference speed of a model: latency per image at batch 1 and throughput at a larger batch.
+"""Inference speed of a model: latency per image at batch 1 and throughput at a larger batch; and the
+arithmetic a model needs (its FLOPs) against what the device can do (a large matmul's FLOP/s).
 
 Each timed call is one forward pass under torch.inference_mode(), after warm-up calls (which
 let the allocator and oneDNN/cuDNN settle); the median of the timed calls is reported because
@@ -83,3 +84,25 @@ def sequential_speed(speeds: list[Speed]) -> Speed:
     the time per image adds up."""
     return Speed(latency_ms=sum(s.latency_ms for s in speeds),
                  throughput=1.0 / sum(1.0 / s.throughput for s in speeds))
+
+
+def forward_flops(model: nn.Module, x: torch.Tensor) -> float:
+    """FLOPs of one forward pass of `model` on `x` (torch.utils.flop_counter: its matrix products and
+    convolutions, two per multiply-add), in eval mode and without gradients."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    model.train(was_training)
+    return float(counter.get_total_flops())
+
+
+def matmul_peak(dtype: torch.dtype, device: torch.device = torch.device("cpu"), size: int = 2048,
+                runs: int = 5) -> float:
+    """FLOP/s of a large square matrix product in `dtype`: the arithmetic limit of this device, with its
+    current thread count, that a training step is measured against."""
+    a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    return 2 * size ** 3 / median_seconds(lambda: a @ b, warmup=2, runs=runs, synchronize=synchronize)
