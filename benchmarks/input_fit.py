@@ -23,7 +23,7 @@ import timm
 import torch
 
 from kd.config import load_task_config
-from kd.data import Batches, Split, load_task_data
+from kd.data import Batches, load_task_data
 from kd.engine import fit, seed_everything, select_precision, train_one_epoch
 from kd.distillers.kd import KD
 from kd.models import create_model
@@ -80,7 +80,8 @@ def epoch_seconds(arch: str, task, data, halved: int, args) -> float:
     model = new_model(arch, task, halved)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     n = min(len(data.train), args.timing_images)
-    sample = dataclasses.replace(data, train=Split(data.train.images[:n], data.train.labels[:n]))
+    sample = dataclasses.replace(data, train=dataclasses.replace(data.train, images=data.train.images[:n],
+                                                                 labels=data.train.labels[:n]))
     for epoch in range(2):
         started = time.perf_counter()
         train_one_epoch(model, train_batches(sample, task, epoch, args), optimizer, CRITERION, PRECISION)

@@ -14,6 +14,7 @@ included), plus the validation accuracy of online and cached KD from the same se
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import tempfile
 import time
 from pathlib import Path
@@ -51,7 +52,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def subset(split: Split, n: int | None) -> Split:
-    return split if n is None or n >= len(split) else Split(split.images[:n], split.labels[:n])
+    return split if n is None or n >= len(split) else dataclasses.replace(split, images=split.images[:n],
+                                                                          labels=split.labels[:n])
 
 
 def teachers_for(task) -> tuple[list[torch.nn.Module], list[Path], str]:
@@ -150,7 +152,7 @@ def efficiency(args, task, train_split, precision) -> None:
     models = {f"student {name} ({arch})": build_student(name, task) for name, arch in STUDENT_ARCHS.items()}
     models.update({f"teacher {spec.name} ({spec.arch})": build_teacher(spec, task) for spec in task.teachers})
     for label, model in models.items():
-        flops = 3 * forward_flops(model, train_split.images[:2].float().div(255)) / 2
+        flops = 3 * forward_flops(model, next(iter(Batches(train_split, 2, device))).x) / 2  # as fed
         rate = best_rates({label: StudentTrainer(args, task, fresh, precision, 0.0, None, model=model)}, 2)[label]
         achieved = rate * flops
         print(f"  {label:34s} {count_parameters(model) / 1e6:7.2f}M {rate:9.0f} {flops / 1e9:12.3f} "

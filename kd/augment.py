@@ -25,6 +25,8 @@ from kd.config import POLICY_BINS, AugmentSpec
 class PadCropFlip:
     """A crop of the image zero-padded by crop_padding at offsets (dy, dx), then a flip: rows (dy, dx, flip)."""
 
+    width = 3  # parameters per image
+
     def __init__(self, spec: AugmentSpec):
         self.spec = spec
 
@@ -78,6 +80,7 @@ class PhotoAugment:
             self.policy = v2.RandAugment(num_ops=spec.policy_ops, magnitude=spec.policy_magnitude,
                                          num_magnitude_bins=POLICY_BINS)
             self.ops = spec.policy_ops
+        self.width = 5 + 3 * self.ops  # parameters per image
         # (name, magnitude per bin or None, signed) of each operation, for images of the output size
         self.operations = [] if self.policy is None else [
             (name, magnitudes(POLICY_BINS, output_size, output_size), signed)
@@ -139,7 +142,9 @@ class PhotoAugment:
         return image
 
     def apply(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-        return torch.stack([self.apply_one(image, row) for image, row in zip(x, params.cpu())])
+        """The batch x augmented image by image on the CPU, where a view's resampling is the same whatever the
+        device the batch lives on (and a GPU would spend a kernel launch per operation per image)."""
+        return torch.stack([self.apply_one(image, row) for image, row in zip(x.cpu(), params.cpu())]).to(x.device)
 
 
 def make_augment(spec: AugmentSpec | None, source_size: int, output_size: int) -> PadCropFlip | PhotoAugment | None:

@@ -65,7 +65,7 @@ class ViewPool:
 
     def params_at(self, view: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """(B, P) parameters of pooled view view[i] of image index[i] (CPU tensors in and out)."""
-        out = torch.empty((len(index), self.params(0).shape[1]), dtype=torch.long)
+        out = torch.empty((len(index), 3 if self.augment is None else self.augment.width), dtype=torch.long)
         for v in view.unique().tolist():
             rows = view == v
             out[rows] = self.params(v)[index[rows]]

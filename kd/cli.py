@@ -248,8 +248,8 @@ def _flag_tokens(action: argparse.Action, value) -> list[str]:
     flag = action.option_strings[0]
     if isinstance(action, argparse.BooleanOptionalAction) and isinstance(value, bool):
         return [flag] if value else [f"--no-{flag[2:]}"]
-    if isinstance(action, argparse._StoreTrueAction) and isinstance(value, bool):
-        return [flag] if value else []
+    if isinstance(value, bool) and (isinstance(action, argparse._StoreTrueAction) or action.nargs == "?"):
+        return [flag] if value else []  # an optional value (--pretrained [FILE]): the bare flag is true
     values = value if isinstance(value, list) else [value]
     return [flag, *map(str, values)]
 

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from kd import metrics as m
 from kd import plots
+from kd.batches import input_size
 from kd.cache import file_sha256
 from kd.cli import ArgumentParser, train_command
 from kd.config import TaskConfig, load_task_config
@@ -101,7 +102,8 @@ def evaluate_task(task: str, run_dir=None, checkpoint=None, device: str = "auto"
     log.info("task %s: evaluating %s (%s) on %d test images, device %s", config.name, record.run_dir,
              weights.name, len(data.test), precision.device)
     models = {"student": student, **{f"teacher {name}": t for name, t in teachers.items()}}
-    speeds = measure_speeds(models, data.test.image_shape, speed)  # on CPU, where models were loaded
+    size = input_size(data.test)  # what the models are fed, not the (larger) decoded images
+    speeds = measure_speeds(models, (config.data.channels, size, size), speed)  # on CPU, where models were loaded
     logits, labels = predict_test_split(models, data.test, precision)
     results = score_models(config, settings, logits, labels, models, speeds)
     out = Path(output_dir) if output_dir else Path("evaluation") / f"Task{config.name}"

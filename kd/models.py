@@ -137,9 +137,8 @@ def pretrained_error(arch: str, pretrained: bool | Path, err: Exception) -> str:
         return f"cannot load pretrained weights for {arch} from {pretrained} ({reason})"
     return (f"could not fetch timm's pretrained weights for {arch} ({reason}); offline, download them on a "
             f"machine with internet (timm.create_model('{arch}', pretrained=True) caches them, or get the "
-            f"model's .safetensors from its hub page) and set the teacher's `pretrained:` to that file "
-            f"(it is passed to timm as pretrained_cfg_overlay=dict(file=...)), or set `checkpoint:` to "
-            f"an already trained teacher")
+            f"model's .safetensors from its hub page) and pass that file: --pretrained FILE for a student, "
+            f"`pretrained: FILE` for a teacher (or its `checkpoint:`, an already trained teacher)")
 
 
 def halve_first_downsampling(model: nn.Module) -> nn.Module:

@@ -97,3 +97,14 @@ def test_a_bad_augment_block_is_one_line(tmp_path, augment, message):
     with pytest.raises(UserError, match="photo.yaml") as err:
         photo_task(tmp_path, **augment)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_an_epoch_of_pooled_views_draws_its_view_once():
+    """Drawing a view costs ten crop tries per image: an epoch draws its view once, not once per batch."""
+    batches = Split(images(20, size=18), torch.arange(20) % 3, input_size=16).batches(5, "cpu", augment=PHOTO,
+                                                                                    views=3, shuffle=True)
+    augment, calls = batches.pool.augment, []
+    draw = augment.sample
+    augment.sample = lambda n, generator: calls.append(n) or draw(n, generator)
+    batches.set_epoch(2)
+    assert [b.x.shape for b in batches] == [(5, 3, 16, 16)] * 4 and calls == [20]

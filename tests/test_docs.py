@@ -82,3 +82,22 @@ def test_the_results_page_and_the_readme_table_are_current():
 
 def test_the_readme_is_a_manual_of_at_most_about_350_lines():
     assert len((ROOT / "README.md").read_text().splitlines()) <= 350
+
+
+def row(arm, seed, acc, teachers="t1", **budget):
+    return {"task": "A", "student": "MobileNetV3", "arm": arm, "seed": seed, "alpha": 0.0 if arm == "alpha0" else 0.6,
+            "teachers": "" if arm == "alpha0" else teachers, "epochs": 20, "test_acc": acc, "wall_s": 1.0,
+            "built": "", "budget": {"num_epochs": 20, "temperature": 2.0, **budget}}
+
+
+def test_a_study_folder_is_one_experiment_per_budget_and_teachers_with_the_labels_only_runs_of_its_budget():
+    rows = [row("alpha0", 1, 0.90, temperature=8.0), row("alpha0", 2, 0.92, temperature=8.0),
+            row("uniform", 1, 0.95, temperature=8.0), row("uniform", 2, 0.96, temperature=8.0),
+            row("uniform", 1, 0.50, temperature=8.0),  # a duplicate: the first counts
+            row("uniform", 1, 0.97, teachers="t2", temperature=8.0), row("uniform", 1, 0.91, lr=0.01)]
+    groups = results.budget_groups(rows)
+    assert [(b["temperature"], b["lr"], t, len(g)) for b, t, g in groups] == [
+        (8.0, 0.001, "t1", 4), (8.0, 0.001, "t2", 3), (2.0, 0.01, "t1", 1)]  # labels only serves any temperature
+    first = {(r["arm"], r["seed"]): r["test_acc"] for r in groups[0][2]}
+    assert first[("uniform", 1)] == 0.95
+    assert results.budget_flags({**groups[0][0], "num_epochs": 20}) == "--alpha 0.6 --num_epochs 20 --temperature 8"

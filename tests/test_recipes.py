@@ -40,6 +40,13 @@ def test_a_recipe_file_by_path_with_booleans_lists_and_method_parameters(tmp_pat
     assert (values["kd_loss"], values["kd_params"], values["recipe"]) == ("dkd", ["nckd_weight=2"], str(recipe))
 
 
+@pytest.mark.parametrize("value, expected", [("true", True), ("false", False), ("start.pth", "start.pth")])
+def test_a_recipe_gives_the_pretrained_flag_its_optional_value(tmp_path, value, expected):
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text(f"pretrained: {value}\n")
+    assert parse(["--recipe", str(recipe)])["pretrained"] == expected
+
+
 @pytest.mark.parametrize("text, message", [
     ("lr: 0.01\nbeta: 2\n", "unknown key(s) beta"),
     ("task: B\n", "unknown key(s) task"),

@@ -12,12 +12,13 @@ import argparse
 import json
 import re
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from kd.experiments.study import BASELINE, ArmStats, confidence_interval, or_dash, read_rows, summarize
+from kd.experiments.study import (BASELINE, ArmStats, budget_of, confidence_interval, or_dash, read_rows,
+                                  same_budget, summarize)
 from kd.settings import TrainSettings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,6 +39,7 @@ class Study:
     task: str
     student: str
     budget: str  # the settings that differ from train.py's defaults, as flags
+    teachers: str | None  # the distilling runs' teachers (runs.csv's content key); None: labels only
     test_images: int | None
     arms: list[ArmStats]
 
@@ -50,27 +52,56 @@ class Study:
     def baseline(self) -> ArmStats | None:
         return next((a for a in self.arms if a.arm == BASELINE), None)
 
+    @property
+    def seeds(self) -> int:
+        return len(self.best.accuracies) if self.best else 0
+
 
 def budget_flags(budget: dict) -> str:
     """The flags that set `budget` where it differs from train.py's defaults."""
-    defaults = {f.name: f.default for f in fields(TrainSettings)}
+    defaults = {**budget_of(TrainSettings()), "alpha": TrainSettings().alpha}  # as JSON values, like the rows'
     changed = {k: v for k, v in sorted(budget.items()) if k not in NOT_RECIPE and k in defaults and v != defaults[k]}
     return " ".join(f"--{k} {v:g}" if isinstance(v, float) else f"--{k} {v}" for k, v in changed.items())
+
+
+def full_budget(budget: dict) -> dict:
+    """A row's budget with the settings added since it was written, at their defaults."""
+    return {**budget_of(TrainSettings()), **budget}
+
+
+def budget_groups(rows: list[dict]) -> list[tuple[dict, str | None, list[dict]]]:
+    """A study folder's rows as (budget, teachers, rows) experiments: each one's distilling rows share their
+    budget, alpha and teachers, and its labels-only rows are those of that budget (a labels-only run serves
+    any setting of the teachers' term); of duplicate runs, the first."""
+    def key(row):
+        return json.dumps(full_budget(row["budget"]), sort_keys=True), row["alpha"], row["teachers"]
+
+    distilling = [r for r in rows if r["arm"] != BASELINE]
+    labels_only = [r for r in rows if r["arm"] == BASELINE]
+    if not distilling:
+        return [(full_budget(labels_only[0]["budget"]), None, labels_only)] if labels_only else []
+    groups = []
+    for budget_text, alpha, teachers in dict.fromkeys(map(key, distilling)):
+        budget = json.loads(budget_text)
+        members = [r for r in distilling if key(r) == (budget_text, alpha, teachers)]
+        members += [r for r in labels_only if same_budget(r["budget"], budget, kd=False)]
+        budget["alpha"] = alpha
+        unique = {(r["student"], r["arm"], r["seed"]): r for r in reversed(members)}  # the first of duplicates
+        groups.append((budget, teachers, list(reversed(unique.values()))))
+    return groups
 
 
 def read_studies(evaluation: Path) -> list[Study]:
     studies = []
     for folder in sorted((evaluation / "study").iterdir()):
         rows = read_rows(folder / "runs.csv")
-        if not rows:
-            continue
-        teachers = folder / "teachers.json"
-        images = json.loads(teachers.read_text())["test_images"] if teachers.is_file() else None
-        kd_alpha = max(row["alpha"] for row in rows)  # the distilling arms' (alpha0's is 0)
-        budget = budget_flags({**rows[0]["budget"], "num_epochs": max(row["epochs"] for row in rows),
-                               "alpha": kd_alpha})
-        for student, arms in summarize(rows).items():
-            studies.append(Study(folder.name, rows[0]["task"], student, budget, images, arms))
+        teachers_file = folder / "teachers.json"
+        images = json.loads(teachers_file.read_text())["test_images"] if teachers_file.is_file() else None
+        for budget, teachers, group in budget_groups(rows):
+            budget = {**budget, "num_epochs": max(row["epochs"] for row in group)}
+            for student, arms in summarize(group).items():
+                studies.append(Study(folder.name, group[0]["task"], student, budget_flags(budget), teachers, images,
+                                     arms))
     return studies
 
 
@@ -93,7 +124,8 @@ def readme_table(studies: list[Study]) -> list[str]:
              "vs labels only, paired: mean [95% CI] pts | verdict | test images |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name in HEADLINES:
-        for study in (s for s in studies if s.name == name):
+        # a folder may hold several experiments (other teachers, budgets): the one of the most seeds
+        for study in sorted((s for s in studies if s.name == name), key=lambda s: -s.seeds)[:1]:
             for arm in (study.baseline, study.best):
                 if arm is not None:
                     lines.append(f"| {study.task} | {study.student} | `{study.budget}` | {arm.arm} | "
@@ -148,10 +180,14 @@ def studies_section(studies: list[Study]) -> list[str]:
              "Each arm trains the student once per seed at the study's budget; alpha0 is labels only (`--alpha 0`). "
              "The paired difference is the arm minus alpha0 on the same seed; \"gain\" or \"loss\" only where its "
              "95% confidence interval (Student's t) excludes zero. Each study's summary.md in evaluation/study/ "
-             "has the per-seed figures, wall times and the command that reproduces it.", ""]
+             "has the per-seed figures, wall times and the command that reproduces it. A folder whose runs "
+             "distilled other teachers (runs.csv's content key of their checkpoints) or ran other budgets shows "
+             "one table for each.", ""]
     for study in studies:
+        teachers = f"; teachers {study.teachers}" if study.teachers else ""
         lines += [f"### {study.name}: task {study.task}, {study.student}", "",
-                  f"Budget: `{study.budget or '(train.py defaults)'}`; test images: {study.test_images or '-'}.", "",
+                  f"Budget: `{study.budget or '(train.py defaults)'}`{teachers}; test images: "
+                  f"{study.test_images or '-'}.", "",
                   "| arm | seeds | test acc % (mean ± sd) | vs alpha0, paired: mean [95% CI] pts | verdict |",
                   "|---|---|---|---|---|"]
         lines += [f"| {a.arm} | {len(a.accuracies)} | {accuracy_text(a)} | {paired_text(a)} | {a.verdict} |"
