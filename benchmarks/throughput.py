@@ -24,7 +24,7 @@ import torch
 from kd.cache import TeacherLogitCache, teacher_identity
 from kd.config import load_task_config
 from kd.data import Batches, Split, load_task_data
-from kd.engine import evaluate, fit, online_teachers, select_device, select_precision, train_one_epoch
+from kd.engine import Precision, evaluate, fit, online_teachers, select_device, select_precision, train_one_epoch
 from kd.distillers import METHODS, make_distiller
 from kd.distillers.kd import KD
 from kd.models import count_parameters
@@ -140,24 +140,31 @@ def sweep(args, task, train, val, precision, teachers) -> tuple[float, list[floa
 def efficiency(args, task, train_split, precision) -> None:
     """For every student and every teacher of the task: the labels-only training step's images/s, its
     FLOPs per image (three times the forward's: torch.utils.flop_counter miscounts the backward of
-    grouped convolutions) and the fraction of this device's fp32 and bf16 matmul peaks it reaches."""
+    grouped convolutions) and the fraction of this device's fp32 and bf16 matmul peaks it reaches; and
+    the step's images/s under bf16 autocast, which pays only where the device multiplies bf16 natively."""
     device = precision.device
     peaks = {dtype: matmul_peak(dtype, device) for dtype in (torch.float32, torch.bfloat16)}
+    bf16 = Precision(device, torch.bfloat16)
     print(f"matmul peak ({torch.get_num_threads()} threads): fp32 {peaks[torch.float32] / 1e9:.0f} GFLOP/s, "
           f"bf16 {peaks[torch.bfloat16] / 1e9:.0f} GFLOP/s; training steps at batch {args.batch_size}, "
           f"{precision.name}, channels_last, on {len(train_split)} images")
-    print(f"  {'model':34s} {'params':>8s} {'images/s':>9s} {'GFLOP/image':>12s} {'GFLOP/s':>8s} "
-          f"{'% fp32 peak':>11s} {'% bf16 peak':>11s}")
+    print(f"  {'model':44s} {'params':>8s} {'images/s':>9s} {'GFLOP/image':>12s} {'GFLOP/s':>8s} "
+          f"{'% fp32 peak':>11s} {'% bf16 peak':>11s} {'bf16 autocast':>14s}")
     fresh = Batches(train_split, args.batch_size, device, shuffle=True, augment=task.augment, seed=0)
-    models = {f"student {name} ({arch})": build_student(name, task) for name, arch in STUDENT_ARCHS.items()}
-    models.update({f"teacher {spec.name} ({spec.arch})": build_teacher(spec, task) for spec in task.teachers})
-    for label, model in models.items():
+    models = {f"student {name} ({arch})": lambda name=name: build_student(name, task)
+              for name, arch in STUDENT_ARCHS.items()}
+    models.update({f"teacher {spec.name} ({spec.arch})": lambda spec=spec: build_teacher(spec, task)
+                   for spec in task.teachers})
+    for label, new_model in models.items():
+        model = new_model()
         flops = 3 * forward_flops(model, next(iter(Batches(train_split, 2, device))).x) / 2  # as fed
-        rate = best_rates({label: StudentTrainer(args, task, fresh, precision, 0.0, None, model=model)}, 2)[label]
-        achieved = rate * flops
-        print(f"  {label:34s} {count_parameters(model) / 1e6:7.2f}M {rate:9.0f} {flops / 1e9:12.3f} "
+        trainers = {kind: StudentTrainer(args, task, fresh, chosen, 0.0, None, model=new_model())
+                    for kind, chosen in (("fp32", precision), ("bf16", bf16))}
+        rate = best_rates(trainers, 2)
+        achieved = rate["fp32"] * flops
+        print(f"  {label:44s} {count_parameters(model) / 1e6:7.2f}M {rate['fp32']:9.0f} {flops / 1e9:12.3f} "
               f"{achieved / 1e9:8.1f} {100 * achieved / peaks[torch.float32]:10.1f}% "
-              f"{100 * achieved / peaks[torch.bfloat16]:10.1f}%")
+              f"{100 * achieved / peaks[torch.bfloat16]:10.1f}% {rate['bf16']:7.0f} ({rate['bf16'] / rate['fp32']:.2f}x)")
 
 
 def main(args) -> None:
