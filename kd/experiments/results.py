@@ -19,6 +19,7 @@ import yaml
 
 from kd.experiments.study import (BASELINE, ArmStats, budget_of, confidence_interval, or_dash, read_rows,
                                   same_budget, summarize)
+from kd.distillers import METHODS
 from kd.settings import TrainSettings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -115,6 +116,22 @@ def paired_text(arm: ArmStats) -> str:
     return f"{or_dash(arm.paired_mean, '+.2f')} [{or_dash(interval[0], '+.2f')}, {or_dash(interval[1], '+.2f')}]"
 
 
+KD_ARMS = ("uniform", "uniform_online")  # the seed's loss, kd, from the cache or online: what a method is held against
+
+
+def versus_kd(arm: ArmStats, arms: list[ArmStats]) -> str:
+    """A distillation method's paired difference against the study's kd arm: mean [95% CI] points."""
+    reference = next((a for a in arms if a.arm in KD_ARMS), None)
+    if reference is None or arm.arm in KD_ARMS or arm.arm not in METHODS:
+        return "-"
+    differences = [arm.accuracies[s] - reference.accuracies[s] for s in arm.accuracies if s in reference.accuracies]
+    interval = confidence_interval(differences)
+    if interval is None:
+        return "-"
+    mean = sum(differences) / len(differences)
+    return f"{or_dash(mean, '+.2f')} [{or_dash(interval[0], '+.2f')}, {or_dash(interval[1], '+.2f')}] vs {reference.arm}"
+
+
 def accuracy_text(arm: ArmStats) -> str:
     return f"{arm.mean:.2f} ± {or_dash(arm.sd, '.2f')}"
 
@@ -185,13 +202,15 @@ def studies_section(studies: list[Study]) -> list[str]:
              "one table for each.", ""]
     for study in studies:
         teachers = f"; teachers {study.teachers}" if study.teachers else ""
+        methods = any(a.arm in METHODS for a in study.arms)  # then each method against kd too
         lines += [f"### {study.name}: task {study.task}, {study.student}", "",
                   f"Budget: `{study.budget or '(train.py defaults)'}`{teachers}; test images: "
                   f"{study.test_images or '-'}.", "",
-                  "| arm | seeds | test acc % (mean ± sd) | vs alpha0, paired: mean [95% CI] pts | verdict |",
-                  "|---|---|---|---|---|"]
+                  "| arm | seeds | test acc % (mean ± sd) | vs alpha0, paired: mean [95% CI] pts | verdict |"
+                  + (" vs kd, paired: mean [95% CI] pts |" if methods else ""),
+                  "|---|---|---|---|---|" + ("---|" if methods else "")]
         lines += [f"| {a.arm} | {len(a.accuracies)} | {accuracy_text(a)} | {paired_text(a)} | {a.verdict} |"
-                  for a in study.arms]
+                  + (f" {versus_kd(a, study.arms)} |" if methods else "") for a in study.arms]
         lines.append("")
     return lines
 
