@@ -235,7 +235,8 @@ def test_pretrained_offline_fails_with_one_clear_line(tmp_path, monkeypatch):
     message = str(err.value)
     assert attempts and "\n" not in message
     assert message.startswith("could not fetch timm's pretrained weights for resnet10t (Temporary failure")
-    assert "pretrained_cfg_overlay=dict(file=...)" in message and "`checkpoint:`" in message
+    assert "--pretrained FILE for a student" in message and "`pretrained: FILE` for a teacher" in message
+    assert "`checkpoint:`" in message
     assert not any(p.is_file() for p in (tmp_path / "teachers").rglob("*"))  # nothing half-written
 
 
