@@ -48,6 +48,16 @@ def save_weights(model: nn.Module, path: Path, metadata: dict) -> None:
     atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"kd": json.dumps(metadata)}))
 
 
+def save_half_copy(source: Path, target: Path) -> None:
+    """A half-precision copy of a weights file, its metadata kept: trained teachers at half the size, to
+    ship with the project. Integer buffers (BatchNorm's batch count) stay as they are; loading casts the
+    weights back to the model's fp32."""
+    state, metadata = load_weights(source)
+    half = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    metadata = {**metadata, "precision": "fp16"}
+    atomic_write(Path(target), lambda tmp: save_file(half, tmp, metadata={"kd": json.dumps(metadata)}))
+
+
 def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """Read (state_dict, metadata) from a .safetensors file or a weights-only torch checkpoint."""
     path = Path(path)

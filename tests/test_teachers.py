@@ -1,3 +1,4 @@
+import dataclasses
 import pickle
 
 import pytest
@@ -5,13 +6,13 @@ import torch
 import yaml
 
 import kd.training
-from kd.checkpoint import atomic_torch_save, load_torch_checkpoint, load_weights, save_weights
+from kd.checkpoint import atomic_torch_save, load_torch_checkpoint, load_weights, save_half_copy, save_weights
 from kd.config import load_task_config
 from kd.errors import UserError
 from kd.students import build_student
 from kd.teachers import TeacherEnsemble, build_teacher, load_teacher
 from kd.training import RunHooks, TrainSettings, ensure_teachers, train_student
-from tests.conftest import write_task
+from tests.conftest import with_random_head, write_task
 
 
 def test_teacher_checkpoint_round_trips(tiny_task):
@@ -23,6 +24,25 @@ def test_teacher_checkpoint_round_trips(tiny_task):
     x = torch.rand(2, 1, 8, 8)
     assert torch.equal(model(x), loaded(x)) and meta["arch"] == spec.arch
     assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
+
+
+def test_a_half_precision_copy_of_a_teacher_is_half_the_size_and_loads_as_fp32(tiny_task):
+    spec = tiny_task.teachers[0]
+    torch.manual_seed(0)
+    model = with_random_head(build_teacher(spec, tiny_task)).eval()
+    full = tiny_task.teacher_checkpoint(spec)
+    save_weights(model, full, {"arch": spec.arch, "test_acc": 0.9})
+    half = full.with_name("half.safetensors")
+    save_half_copy(full, half)
+    state, meta = load_weights(half)
+    assert state["backbone.fc.weight"].dtype == torch.float16 and meta == {"arch": spec.arch, "test_acc": 0.9,
+                                                                           "precision": "fp16"}
+    assert state["backbone.bn1.num_batches_tracked"].dtype == torch.int64
+    assert half.stat().st_size < 0.6 * full.stat().st_size
+    loaded, _ = load_teacher(dataclasses.replace(spec, checkpoint=str(half)), tiny_task)
+    x = torch.rand(4, 1, 8, 8)
+    assert next(loaded.parameters()).dtype == torch.float32
+    assert torch.allclose(loaded(x), model(x), atol=2e-2) and not torch.equal(loaded(x), model(x))
 
 
 def test_wrong_class_count_fails_clearly(tiny_task):
