@@ -219,3 +219,13 @@ def test_alpha_0_is_refused_for_the_kd_arms_before_any_run():
     with pytest.raises(UserError, match="--alpha 0 would make every KD arm a copy of alpha0"):
         check_plan(plan)
     check_plan(dataclasses.replace(plan, arms=("alpha0",)))
+
+
+def test_each_method_has_an_arm_uniformly_weighted_and_one_with_the_label_aware_weighting(tmp_path):
+    from kd.experiments.study import arm_settings
+
+    base = TrainSettings(task="A", alpha=0.6)
+    for arm, weighting in (("dkd", "uniform"), ("dkd_confidence", "confidence"), ("ls_confidence", "confidence")):
+        settings = arm_settings(base, "MobileNetV3", arm, 2, tmp_path)
+        assert (settings.kd_loss, settings.teacher_weighting, settings.teacher_cache, settings.alpha) == (
+            arm.split("_")[0], weighting, "auto", 0.6)

@@ -64,6 +64,8 @@ ARMS = {
     # every other distillation method, uniformly weighted: an arm of its own name, from the cache where
     # the run can use one (with mixup the teachers run online on the blended images)
     **{name: Arm(True, "uniform", "auto", name) for name in METHODS if name != "kd"},
+    # and with the label-aware weighting (as CA-MKD), which "confidence" gives kd
+    **{f"{name}_confidence": Arm(True, "confidence", "auto", name) for name in METHODS if name != "kd"},
 }
 BASELINE = "alpha0"
 DEFAULT_SEEDS = (1, 2, 3)
@@ -457,7 +459,8 @@ def format_study_summary(task: TaskConfig, plan: StudyPlan, base: TrainSettings,
              f"({base.teacher_cache_views or base.num_epochs} views per image); "
              "uniform_online = uniform KD with the teachers run online on fresh augmentation; "
              + ", ".join(name for name in METHODS if name != "kd") + " = that distillation method (--kd_loss), "
-             "uniformly weighted, from the cache (online under mixup). KD runs count only "
+             "uniformly weighted, from the cache (online under mixup), and <method>_confidence the same with "
+             "the confidence weighting. KD runs count only "
              "beside the teacher checkpoints they learnt from (runs.csv's teachers column), those below.", "",
              VERDICT_RULE, ""]
     for student, arms in stats.items():
