@@ -148,10 +148,12 @@ def train_teachers(settings: TrainSettings) -> Path:
     with _session(settings) as (task, data, precision, world):
         ensemble = ensure_teachers(task, data, precision, world, settings.teacher_epochs)
         if world.is_main:
-            log_teachers(ensemble, task)
-            _, accuracy = teacher_accuracies(dict(zip(ensemble.names, ensemble.models)),
-                                             data.test.batches(EVAL_BATCH_SIZE, precision.device), precision,
-                                             settings.temperature)
+            log_teachers(ensemble, task)  # the accuracies each file's metadata records
+            measured, accuracy = teacher_accuracies(dict(zip(ensemble.names, ensemble.models)),
+                                                    data.test.batches(EVAL_BATCH_SIZE, precision.device), precision,
+                                                    settings.temperature)
+            for name, value in measured.items():  # of the weights as they are now (e.g. a half-precision copy)
+                log.info("teacher %s: test acc %.2f%%, measured now", name, 100 * value)
             log.info("uniform ensemble (T = %g): test acc %.2f%%", settings.temperature, 100 * accuracy)
         return task.teacher_checkpoint(task.teachers[0]).parent
 
