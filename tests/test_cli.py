@@ -60,7 +60,7 @@ def test_a_builtin_config_by_path_is_the_same_task_as_its_letter():
 
     by_path = load_task_config(str(ROOT / "configs" / "task_b.yaml"))
     assert by_path == load_task_config("B")
-    assert by_path.teacher_checkpoint(by_path.teachers[0]) == ROOT / "teachers" / "TaskB" / "resnet18.safetensors"
+    assert by_path.teacher_checkpoint(by_path.teachers[0]) == ROOT / "teachers" / "TaskB" / "cs3darknet_s.safetensors"
 
 
 def test_every_script_names_its_output_folder_output_dir_and_still_takes_output():

@@ -55,7 +55,7 @@ def test_saved_config_loads_back(tmp_path):
     path = tmp_path / "saved.yaml"
     path.write_text(yaml.safe_dump(task.to_dict()))
     again = load_task_config(str(path))
-    assert again.classes == task.classes and again.mean == task.mean and again.teachers[0].arch == "resnet18"
+    assert again.classes == task.classes and again.mean == task.mean and again.teachers[0].arch == "cs3darknet_s"
 
 
 def test_wrong_value_types_are_user_errors(tmp_path):

@@ -213,10 +213,10 @@ def test_models_keep_timms_architecture_from_64_pixels():
     large = dataclasses.replace(task, data=dataclasses.replace(task.data, input_size=64))
     assert build_student("MobileNetV3", task).backbone.conv_stem.stride == (1, 1)  # 28 px: halved
     assert build_student("MobileNetV3", large).backbone.conv_stem.stride == (2, 2)  # 64 px: as timm builds it
-    assert build_teacher(task.teachers[0], task).backbone.conv1.stride == (1, 1)
-    assert build_teacher(task.teachers[0], large).backbone.conv1.stride == (2, 2)
+    assert build_teacher(task.teachers[0], task).backbone.stem.conv1.conv.stride == (1, 1)
+    assert build_teacher(task.teachers[0], large).backbone.stem.conv1.conv.stride == (2, 2)
     fixed = dataclasses.replace(large, teachers=(dataclasses.replace(task.teachers[0], stride_reduction=1),))
-    assert build_teacher(fixed.teachers[0], fixed).backbone.conv1.stride == (1, 1)  # a config's choice stands
+    assert build_teacher(fixed.teachers[0], fixed).backbone.stem.conv1.conv.stride == (1, 1)  # a config's choice stands
 
 
 def train_args(config: Path, tmp_path: Path, output: str, *extra: str) -> list[str]:
