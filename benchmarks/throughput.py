@@ -158,8 +158,8 @@ def efficiency(args, task, train_split, precision) -> None:
     for label, new_model in models.items():
         model = new_model()
         flops = 3 * forward_flops(model, next(iter(Batches(train_split, 2, device))).x) / 2  # as fed
-        trainers = {kind: StudentTrainer(args, task, fresh, chosen, 0.0, None, model=new_model())
-                    for kind, chosen in (("fp32", precision), ("bf16", bf16))}
+        trainers = {kind: StudentTrainer(args, task, fresh, chosen, 0.0, None, model=built)
+                    for kind, chosen, built in (("fp32", precision, model), ("bf16", bf16, new_model()))}
         rate = best_rates(trainers, 2)
         achieved = rate["fp32"] * flops
         print(f"  {label:44s} {count_parameters(model) / 1e6:7.2f}M {rate['fp32']:9.0f} {flops / 1e9:12.3f} "

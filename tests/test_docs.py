@@ -75,8 +75,7 @@ def test_every_command_in_the_manual_parses(where, line):
 
 
 def test_the_results_page_and_the_readme_table_are_current():
-    stale = [path.relative_to(ROOT).as_posix() for path, text in results.expected_files().items()
-             if path.read_text() != text]
+    stale = [path.relative_to(ROOT).as_posix() for path in results.stale_files(results.expected_files())]
     assert not stale, f"{stale} differ from what evaluation/ gives: run python -m kd.experiments.results"
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,7 +129,7 @@ def versus_kd(arm: ArmStats, arms: list[ArmStats]) -> str:
     interval = confidence_interval(differences)
     if interval is None:
         return "-"
-    mean = sum(differences) / len(differences)
+    mean = statistics.fmean(differences)
     return f"{or_dash(mean, '+.2f')} [{or_dash(interval[0], '+.2f')}, {or_dash(interval[1], '+.2f')}] vs {reference.arm}"
 
 
@@ -270,17 +271,23 @@ def expected_files(root: Path = ROOT) -> dict[Path, str]:
     return {root / PAGE: results_page(evaluation), root / README: with_table((root / README).read_text(), table)}
 
 
+def stale_files(expected: dict[Path, str]) -> list[Path]:
+    """The files of `expected` whose text on disk is not what the files under evaluation/ give."""
+    return [path for path, text in expected.items() if not path.is_file() or path.read_text() != text]
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--check", action="store_true", help="change nothing; exit 1 when a file is stale")
     args = p.parse_args(argv)
-    stale = [path for path, text in expected_files().items() if not path.is_file() or path.read_text() != text]
+    expected = expected_files()
+    stale = stale_files(expected)
     if args.check:
         for path in stale:
             print(f"{path.relative_to(ROOT)} is stale: run python -m kd.experiments.results", file=sys.stderr)
         return 1 if stale else 0
-    for path, text in expected_files().items():
-        path.write_text(text)
+    for path in stale:
+        path.write_text(expected[path])
     return 0
 
 
