@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from kd.config import parse_task_config
+from kd.settings import STUDENT_ARCHS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -72,6 +73,19 @@ def tiny_teachers(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tiny_teachers")
     torch.set_num_threads(2)
     return train_teachers(TrainSettings(task=str(write_task(folder)), device="cpu"))
+
+
+# timm's test models of the students' families (0.1-0.4 M parameters, about 8x faster steps on 8 px)
+TINY_STUDENTS = {"MobileNetV3": "test_efficientnet", "EfficientNet": "test_efficientnet", "ResNet18": "test_resnet"}
+
+
+@pytest.fixture
+def tiny_students(monkeypatch):
+    """Every student name builds a tiny model of its family: for tests of the run machinery (records,
+    resume, evaluation), which check what a run does, not what a real student reaches;
+    tests/test_models.py keeps the real students."""
+    for name, arch in TINY_STUDENTS.items():
+        monkeypatch.setitem(STUDENT_ARCHS, name, arch)
 
 
 @pytest.fixture

@@ -34,7 +34,7 @@ def edit_yaml(path: Path, change) -> None:
     path.write_text(yaml.safe_dump(raw))
 
 
-def test_a_run_is_rebuilt_as_trained_after_its_task_yaml_changed(tmp_path, tiny_teachers, capsys):
+def test_a_run_is_rebuilt_as_trained_after_its_task_yaml_changed(tmp_path, tiny_teachers, tiny_students, capsys):
     """Halvings change no weight's shape: a student rebuilt from the edited YAML would load without error
     and compute something else. The record keeps the run's own network, teachers and data."""
     config = write_task(tmp_path, tiny_teachers)
