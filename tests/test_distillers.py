@@ -170,8 +170,8 @@ def test_train_py_refuses_a_methods_bad_parameter_in_one_line(capsys):
     assert len(err.splitlines()) == 1 and "intra_weight must be >= 0" in err
 
 
-def test_a_run_distils_with_the_method_it_names_records_it_and_resumes_with_it(tmp_path, tiny_teachers, capsys,
-                                                                               monkeypatch):
+def test_a_run_distils_with_the_method_it_names_records_it_and_resumes_with_it(tmp_path, tiny_teachers, tiny_students,
+                                                                               capsys, monkeypatch):
     from kd.record import read_record
     from tests.conftest import run_in_process, write_task
 

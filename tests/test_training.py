@@ -95,7 +95,7 @@ def test_mixup_blends_images_and_labels_alike_and_the_teachers_see_the_blend():
     assert seen[0].shape == batch.x.shape and not torch.equal(seen[0], batch.x)
 
 
-def test_mixup_needs_online_teachers_and_runs_them_when_the_cache_is_auto(tmp_path, tiny_teachers):
+def test_mixup_needs_online_teachers_and_runs_them_when_the_cache_is_auto(tmp_path, tiny_teachers, tiny_students):
     settings = TrainSettings(task=str(write_task(tmp_path, tiny_teachers)), num_epochs=1, batch_size=128,
                              alpha=0.5, mixup=0.4, student_model="mobilenetv3", device="cpu",
                              output_dir=str(tmp_path / "runs"), teacher_cache="on", cache_dir=str(tmp_path / "cache"))
@@ -116,7 +116,8 @@ def trained_run(tmp_path, tiny_teachers):
     return settings, train_student(settings)
 
 
-def test_hooks_observe_each_epoch_skip_the_test_split_and_quieten_only_the_console(tmp_path, tiny_teachers, capsys):
+def test_hooks_observe_each_epoch_skip_the_test_split_and_quieten_only_the_console(tmp_path, tiny_teachers, tiny_students,
+                                                                                   capsys):
     settings = TrainSettings(task=str(write_task(tmp_path, tiny_teachers)), num_epochs=2, batch_size=64, alpha=0.5,
                              student_model="MobileNetV3", device="cpu", output_dir=str(tmp_path / "runs"))
     rows = []
