@@ -15,6 +15,7 @@ from kd import evaluation as task_evaluation
 from kd import export, predict
 from kd.cli import parse_with_recipe
 from kd.experiments import results
+from kd.experiments.study import summarize
 
 MANUAL = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 PARSERS = {
@@ -87,6 +88,18 @@ def row(arm, seed, acc, teachers="t1", **budget):
     return {"task": "A", "student": "MobileNetV3", "arm": arm, "seed": seed, "alpha": 0.0 if arm == "alpha0" else 0.6,
             "teachers": "" if arm == "alpha0" else teachers, "epochs": 20, "test_acc": acc, "wall_s": 1.0,
             "built": "", "budget": {"num_epochs": 20, "temperature": 2.0, **budget}}
+
+
+def test_a_method_is_held_against_kd_and_another_weighting_against_its_method_uniformly_weighted():
+    accuracies = {"alpha0": (0.90, 0.91, 0.92), "uniform": (0.93, 0.93, 0.94), "dist": (0.94, 0.95, 0.95),
+                  "confidence": (0.92, 0.93, 0.93), "dist_confidence": (0.95, 0.95, 0.96)}
+    rows = [row(arm, seed, acc) for arm, accs in accuracies.items() for seed, acc in enumerate(accs, 1)]
+    arms = summarize(rows)["MobileNetV3"]
+    # differences per seed: dist - uniform +1 +2 +1, confidence - uniform -1 0 -1, dist_confidence - dist
+    # +1 0 +1; sd sqrt(1/3) each, so a half-width of t(0.975, 2) = 4.303 times 1/3
+    assert {a.arm: results.versus_reference(a, arms) for a in arms} == {
+        "alpha0": "-", "uniform": "-", "dist": "+1.33 [-0.10, +2.77] vs uniform",
+        "confidence": "-0.67 [-2.10, +0.77] vs uniform", "dist_confidence": "+0.67 [-0.77, +2.10] vs dist"}
 
 
 def test_a_study_folder_is_one_experiment_per_budget_and_teachers_with_the_labels_only_runs_of_its_budget():

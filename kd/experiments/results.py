@@ -18,9 +18,8 @@ from pathlib import Path
 
 import yaml
 
-from kd.experiments.study import (BASELINE, ArmStats, budget_of, confidence_interval, or_dash, read_rows,
+from kd.experiments.study import (ARMS, BASELINE, ArmStats, budget_of, confidence_interval, or_dash, read_rows,
                                   same_budget, summarize)
-from kd.distillers import METHODS
 from kd.settings import TrainSettings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,6 +27,9 @@ PAGE = Path("docs/results.md")
 README = Path("README.md")
 TABLE_START = "<!-- results table: made by python -m kd.experiments.results from evaluation/; do not edit -->"
 TABLE_END = "<!-- end of the results table -->"
+METHODS_START = "<!-- methods table: made by python -m kd.experiments.results from evaluation/; do not edit -->"
+METHODS_END = "<!-- end of the methods table -->"
+METHODS_STUDY = "TaskB_methods"  # the study of the README's methods table: every distillation method on task B
 # The studies the README's table shows (the page shows every study): the quick start's recipe, train.py's
 # defaults as a new user runs them, and task B's longest study.
 HEADLINES = ("TaskA_40ep_halved2_a09_T8_mixup", "TaskA_20ep_default_cache", "TaskB_4ep")
@@ -120,10 +122,21 @@ def paired_text(arm: ArmStats) -> str:
 KD_ARMS = ("uniform", "uniform_online")  # the seed's loss, kd, from the cache or online: what a method is held against
 
 
-def versus_kd(arm: ArmStats, arms: list[ArmStats]) -> str:
-    """A distillation method's paired difference against the study's kd arm: mean [95% CI] points."""
-    reference = next((a for a in arms if a.arm in KD_ARMS), None)
-    if reference is None or arm.arm in KD_ARMS or arm.arm not in METHODS:
+def reference_arm(arm: ArmStats, arms: list[ArmStats]) -> ArmStats | None:
+    """What an arm is held against besides labels only: another method against kd, another teacher
+    weighting against its method uniformly weighted (so the label-aware `dist_confidence` against `dist`)."""
+    spec = ARMS.get(arm.arm)
+    if spec is None or not spec.kd or arm.arm in KD_ARMS:
+        return None
+    # another method, or kd weighted otherwise: against kd; another method weighted otherwise: against itself
+    wanted = KD_ARMS if spec.weighting == "uniform" or spec.kd_loss == "kd" else (spec.kd_loss,)
+    return next((a for a in arms if a.arm in wanted), None)
+
+
+def versus_reference(arm: ArmStats, arms: list[ArmStats]) -> str:
+    """The paired difference against the arm's reference_arm: mean [95% CI] points, and which arm it is."""
+    reference = reference_arm(arm, arms)
+    if reference is None:
         return "-"
     differences = [arm.accuracies[s] - reference.accuracies[s] for s in arm.accuracies if s in reference.accuracies]
     interval = confidence_interval(differences)
@@ -203,17 +216,21 @@ def studies_section(studies: list[Study]) -> list[str]:
              "one table for each.", ""]
     for study in studies:
         teachers = f"; teachers {study.teachers}" if study.teachers else ""
-        methods = any(a.arm in METHODS for a in study.arms)  # then each method against kd too
         lines += [f"### {study.name}: task {study.task}, {study.student}", "",
                   f"Budget: `{study.budget or '(train.py defaults)'}`{teachers}; test images: "
-                  f"{study.test_images or '-'}.", "",
-                  "| arm | seeds | test acc % (mean ± sd) | vs alpha0, paired: mean [95% CI] pts | verdict |"
-                  + (" vs kd, paired: mean [95% CI] pts |" if methods else ""),
-                  "|---|---|---|---|---|" + ("---|" if methods else "")]
-        lines += [f"| {a.arm} | {len(a.accuracies)} | {accuracy_text(a)} | {paired_text(a)} | {a.verdict} |"
-                  + (f" {versus_kd(a, study.arms)} |" if methods else "") for a in study.arms]
-        lines.append("")
+                  f"{study.test_images or '-'}.", "", *study_table(study), ""]
     return lines
+
+
+def study_table(study: Study) -> list[str]:
+    """A row per arm: its accuracy, its paired difference against labels only and, where the study has
+    one for any arm, against its reference_arm."""
+    compared = any(reference_arm(a, study.arms) for a in study.arms)
+    lines = ["| arm | seeds | test acc % (mean ± sd) | vs alpha0, paired: mean [95% CI] pts | verdict |"
+             + (" vs its reference arm, paired: mean [95% CI] pts |" if compared else ""),
+             "|---|---|---|---|---|" + ("---|" if compared else "")]
+    return lines + [f"| {a.arm} | {len(a.accuracies)} | {accuracy_text(a)} | {paired_text(a)} | {a.verdict} |"
+                    + (f" {versus_reference(a, study.arms)} |" if compared else "") for a in study.arms]
 
 
 def tuning_section(evaluation: Path) -> list[str]:
@@ -245,8 +262,7 @@ def tuning_section(evaluation: Path) -> list[str]:
     return lines
 
 
-def results_page(evaluation: Path) -> str:
-    studies = read_studies(evaluation)
+def results_page(evaluation: Path, studies: list[Study]) -> str:
     lines = ["# Results", "",
              "Made by `python -m kd.experiments.results` from the files under evaluation/ (a test checks that "
              "this page and the README's table are what those files give); the discussion of how each was "
@@ -257,18 +273,31 @@ def results_page(evaluation: Path) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def with_table(readme: str, table: list[str]) -> str:
-    """The README with the text between its table markers replaced by `table`."""
-    start, end = readme.find(TABLE_START), readme.find(TABLE_END)
+def with_table(readme: str, table: list[str], markers: tuple[str, str] = (TABLE_START, TABLE_END)) -> str:
+    """The README with the text between the two markers replaced by `table`."""
+    start_marker, end_marker = markers
+    start, end = readme.find(start_marker), readme.find(end_marker)
     if start < 0 or end < start:
-        raise ValueError(f"{README} lacks the results table markers {TABLE_START!r} ... {TABLE_END!r}")
-    return readme[:start + len(TABLE_START)] + "\n" + "\n".join(table) + "\n" + readme[end:]
+        raise ValueError(f"{README} lacks the table markers {start_marker!r} ... {end_marker!r}")
+    return readme[:start + len(start_marker)] + "\n" + "\n".join(table) + "\n" + readme[end:]
+
+
+def methods_table(studies: list[Study]) -> list[str]:
+    """The README's table of every distillation method: METHODS_STUDY's experiment of the most seeds."""
+    found = sorted((s for s in studies if s.name == METHODS_STUDY), key=lambda s: -s.seeds)
+    if not found:
+        raise ValueError(f"evaluation/study/{METHODS_STUDY} holds no study for the README's methods table")
+    study = found[0]
+    return [f"Task {study.task}, {study.student}, `{study.budget}`, {study.test_images} test images:", "",
+            *study_table(study)]
 
 
 def expected_files(root: Path = ROOT) -> dict[Path, str]:
     evaluation = root / "evaluation"
-    table = readme_table(read_studies(evaluation))
-    return {root / PAGE: results_page(evaluation), root / README: with_table((root / README).read_text(), table)}
+    studies = read_studies(evaluation)
+    readme = with_table((root / README).read_text(), readme_table(studies))
+    readme = with_table(readme, methods_table(studies), (METHODS_START, METHODS_END))
+    return {root / PAGE: results_page(evaluation, studies), root / README: readme}
 
 
 def stale_files(expected: dict[Path, str]) -> list[Path]:
