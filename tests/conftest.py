@@ -117,11 +117,16 @@ def run_in_process(train_argv: list[str], capsys) -> Path:
     return Path(capsys.readouterr().out.strip().splitlines()[-1])
 
 
-def killed_after_first_checkpoint(train_argv: list[str], output_dir: Path, linger: float = 0.0) -> Path:
-    """Start `python train.py ARGV` as a process of its own, with this process's thread count (so it computes
+def train_command(train_argv: list[str], tiny: bool = False) -> list[str]:
+    """`python train.py ARGV` as a command to start in ROOT; tiny: with the students of tiny_students."""
+    return [sys.executable, *(["-m", "tests.tiny_students"] if tiny else []), "train.py", *train_argv]
+
+
+def killed_after_first_checkpoint(command: list[str], output_dir: Path, linger: float = 0.0) -> Path:
+    """Start a train_command as a process of its own, with this process's thread count (so it computes
     bit for bit what a run in this process would), kill -9 it `linger` seconds after its first
     checkpoint_last.pt appears in `output_dir`, and return its run folder."""
-    process = subprocess.Popen([sys.executable, "train.py", *train_argv], cwd=ROOT, stdout=subprocess.DEVNULL,
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL,
                                env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
     deadline = time.monotonic() + 300

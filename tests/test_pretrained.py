@@ -7,11 +7,11 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from conftest import run_in_process, write_task
+from conftest import TINY_STUDENTS, run_in_process, write_task
 from kd.checkpoint import load_weights
 from kd.errors import UserError
 
-ARCH = "mobilenetv3_small_100"  # the MobileNetV3 student's timm architecture
+ARCH = TINY_STUDENTS["MobileNetV3"]  # the architecture tiny_students builds for the MobileNetV3 student
 
 
 def weights_file(path, arch=ARCH, seed=5):
@@ -28,13 +28,13 @@ def argv(task, out, *extra):
             str(out), *extra]
 
 
-def test_a_student_starts_from_a_local_weights_file_with_a_zero_classifier(tmp_path, capsys):
+def test_a_student_starts_from_a_local_weights_file_with_a_zero_classifier(tmp_path, tiny_students, capsys):
     source = weights_file(tmp_path / "imagenet.safetensors")
     task = write_task(tmp_path)
     run_dir = run_in_process(argv(task, tmp_path / "runs", "--pretrained", str(source)), capsys)
     trained, meta = load_weights(run_dir / "student.safetensors")
     original = load_weights(source)[0]
-    block = "blocks.2.0.conv_pw.weight"  # a layer past the stem, which timm sums over RGB for grayscale inputs
+    block = "blocks.3.0.conv_pw.weight"  # a layer past the stem, which timm sums over RGB for grayscale inputs
     assert torch.allclose(trained[f"backbone.{block}"], original[block], atol=1e-8)
     assert trained["backbone.classifier.weight"].shape == (10, original["classifier.weight"].shape[1])
     assert trained["backbone.classifier.weight"].abs().max() < 1e-8  # new and zero, not the file's 1,000 classes

@@ -70,7 +70,8 @@ def final_map(student) -> int:
         return student.backbone.forward_features(torch.zeros(1, 1, 32, 32)).shape[-1]
 
 
-def test_resume_stops_in_one_line_when_a_teacher_it_distils_changed(tmp_path, tiny_teachers, capsys, monkeypatch):
+def test_resume_stops_in_one_line_when_a_teacher_it_distils_changed(tmp_path, tiny_teachers, tiny_students, capsys,
+                                                                    monkeypatch):
     config = write_task(tmp_path, tiny_teachers)
     run_dir = run_in_process(train_args(config, tmp_path / "runs"), capsys)
     retrained = tmp_path / "teachers" / "resnet.safetensors"

@@ -1,7 +1,6 @@
 import csv
 import random
 import signal
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,7 @@ import train
 from kd.checkpoint import load_torch_checkpoint
 from kd.errors import UserError
 from kd.training import TrainSettings, train_student
-from tests.conftest import killed_after_first_checkpoint, run_in_process, signal_when, write_task
+from tests.conftest import killed_after_first_checkpoint, run_in_process, signal_when, train_command, write_task
 
 
 def train_args(config: Path, output_dir: Path, cache_dir: Path, *extra: str) -> list[str]:
@@ -19,10 +18,6 @@ def train_args(config: Path, output_dir: Path, cache_dir: Path, *extra: str) -> 
     return ["--config", str(config), "--num_epochs", "4", "--alpha", "0.5", "--student_model", "MobileNetV3",
             "--batch_size", "256", "--device", "cpu", "--teacher_epochs", "1", "--teacher_cache", "on",
             "--teacher_cache_views", "2", "--cache_dir", str(cache_dir), "--output_dir", str(output_dir), *extra]
-
-
-def train_command(*args) -> list[str]:
-    return [sys.executable, "train.py", *train_args(*args)]
 
 
 def assert_same_run(a: Path, b: Path) -> None:
@@ -34,19 +29,19 @@ def assert_same_run(a: Path, b: Path) -> None:
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_bit_for_bit(tmp_path, tiny_teachers, capsys):
+def test_killed_run_resumes_bit_for_bit(tmp_path, tiny_teachers, tiny_students, capsys):
     config = write_task(tmp_path, tiny_teachers)
     # only the run to kill is a process of its own (start-up costs seconds), with this process's threads
     reference = run_in_process(train_args(config, tmp_path / "ref", tmp_path / "cache"), capsys)
     # killed in the epochs that follow the first: 3 epochs take seconds, not 0.2 s
-    killed_dir = killed_after_first_checkpoint(train_args(config, tmp_path / "killed", tmp_path / "cache"),
-                                               tmp_path / "killed", linger=random.uniform(0.0, 0.2))
+    killed = train_command(train_args(config, tmp_path / "killed", tmp_path / "cache"), tiny=True)
+    killed_dir = killed_after_first_checkpoint(killed, tmp_path / "killed", linger=random.uniform(0.0, 0.2))
     resumed = run_in_process(train_args(config, tmp_path / "killed", tmp_path / "cache", "--resume", "auto"), capsys)
     assert resumed == killed_dir
     assert_same_run(reference, resumed)  # identical metrics and weights: determinism and exact resume at once
 
 
-def test_a_resumed_mixup_run_blends_as_the_uninterrupted_one(tmp_path, tiny_teachers, capsys):
+def test_a_resumed_mixup_run_blends_as_the_uninterrupted_one(tmp_path, tiny_teachers, tiny_students, capsys):
     """mixup draws from the global generators, which checkpoints save: stopping after epoch 1 changes nothing."""
     config = write_task(tmp_path, tiny_teachers)
     args = ["--config", str(config), "--alpha", "0.5", "--mixup", "0.4", "--student_model", "MobileNetV3",
@@ -59,7 +54,8 @@ def test_a_resumed_mixup_run_blends_as_the_uninterrupted_one(tmp_path, tiny_teac
     assert_same_run(reference, resumed)
 
 
-def test_resume_with_more_epochs_trains_on_along_the_longer_cosine_and_names_ignored_flags(tmp_path, capsys):
+def test_resume_with_more_epochs_trains_on_along_the_longer_cosine_and_names_ignored_flags(tmp_path, tiny_students,
+                                                                                           capsys):
     config = write_task(tmp_path)
     base = ["--config", str(config), "--alpha", "0", "--student_model", "MobileNetV3", "--batch_size", "128",
             "--device", "cpu", "--lr_schedule", "cosine", "--lr", "0.004", "--output_dir", str(tmp_path / "runs")]
@@ -85,14 +81,15 @@ def test_ctrl_c_and_sigterm_keep_the_last_epoch_and_say_how_to_resume(tmp_path, 
     once: SIGTERM before the first epoch ends (nothing is left), Ctrl-C after it (the epoch is kept)."""
     config = write_task(tmp_path, tiny_teachers)
     # config.yaml is written before the teacher-logit cache is built: well before the first epoch ends
-    code, out = signal_when(train_command(config, tmp_path / "early", tmp_path / "cache"),
+    code, out = signal_when(train_command(train_args(config, tmp_path / "early", tmp_path / "cache"), tiny=True),
                             lambda: list((tmp_path / "early").glob("*/config.yaml")), signal.SIGTERM,
                             tmp_path / "early.log")
     assert code == 143 and "Traceback" not in out and out.strip().endswith("terminated")
     assert not any((tmp_path / "early").iterdir())  # stopped before its first epoch: nothing left
 
     # 100 epochs: the run cannot finish before the signal arrives, however fast the machine
-    code, out = signal_when(train_command(config, tmp_path / "late", tmp_path / "cache", "--num_epochs", "100"),
+    late = train_args(config, tmp_path / "late", tmp_path / "cache", "--num_epochs", "100")
+    code, out = signal_when(train_command(late, tiny=True),
                             lambda: list((tmp_path / "late").glob("*/checkpoint_last.pt")), signal.SIGINT,
                             tmp_path / "late.log")
     run_dir = next((tmp_path / "late").iterdir())

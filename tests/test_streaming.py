@@ -30,7 +30,7 @@ from kd.speed import SpeedSettings
 from kd.students import build_student
 from kd.teachers import TeacherEnsemble, build_teacher
 from kd.training import TrainSettings, train_student
-from tests.conftest import killed_after_first_checkpoint, run_in_process, with_random_head
+from tests.conftest import TINY_STUDENTS, killed_after_first_checkpoint, run_in_process, train_command, with_random_head
 from tests.test_custom_task import write_colour_folder, write_config
 from tests.test_resume import assert_same_run
 
@@ -235,13 +235,14 @@ def photo_task(folder_task, tmp_path):
     raw["augment"] = {"crop_scale": [0.4, 1.0], "hflip": True, "policy": "trivialaugment", "eval_crop": 0.875}
     folder_task.write_text(yaml.safe_dump(raw))
     torch.manual_seed(0)
-    save_file(timm.create_model("mobilenetv3_small_100", num_classes=1000).state_dict(), tmp_path / "imagenet.safetensors")
+    imagenet = timm.create_model(TINY_STUDENTS["MobileNetV3"], num_classes=1000)  # as tiny_students builds the student
+    save_file(imagenet.state_dict(), tmp_path / "imagenet.safetensors")
     return folder_task
 
 
 @pytest.mark.slow
 def test_a_streamed_photo_task_with_a_pretrained_student_resumes_exactly_evaluates_and_exports(photo_task, tmp_path,
-                                                                                               capsys):
+                                                                                               tiny_students, capsys):
     folder_task = photo_task
     pretrained = ("--pretrained", str(tmp_path / "imagenet.safetensors"))
     # only the run to kill is a process of its own (start-up costs seconds), with this process's threads
@@ -251,7 +252,8 @@ def test_a_streamed_photo_task_with_a_pretrained_student_resumes_exactly_evaluat
     assert list((tmp_path / "cache").glob("*.npy"))
 
     assert "starts from the pretrained weights in" in log
-    killed_after_first_checkpoint(train_args(folder_task, tmp_path, "killed", *pretrained), tmp_path / "killed")
+    killed_after_first_checkpoint(train_command(train_args(folder_task, tmp_path, "killed", *pretrained), tiny=True),
+                                  tmp_path / "killed")
     resumed = run_in_process(train_args(folder_task, tmp_path, "killed", "--resume", "auto"), capsys)
     assert_same_run(reference, resumed)
 
@@ -272,11 +274,12 @@ def test_a_streamed_photo_task_with_a_pretrained_student_resumes_exactly_evaluat
 
 
 @pytest.mark.slow
-def test_a_streamed_mixup_run_with_workers_resumes_bit_for_bit_after_kill(folder_task, tmp_path, capsys):
+def test_a_streamed_mixup_run_with_workers_resumes_bit_for_bit_after_kill(folder_task, tmp_path, tiny_students, capsys):
     """mixup draws from torch's global stream, which the checkpoints save; the loaders' workers must not
     move it (they start once per process, so only a resumed run would)."""
     args = ["--mixup", "0.4", "--teacher_cache", "off", "--num_workers", "2"]
     reference = run_in_process(train_args(folder_task, tmp_path, "ref", *args), capsys)
-    killed_after_first_checkpoint(train_args(folder_task, tmp_path, "killed", *args), tmp_path / "killed")
+    command = train_command(train_args(folder_task, tmp_path, "killed", *args), tiny=True)
+    killed_after_first_checkpoint(command, tmp_path / "killed")
     resumed = run_in_process(train_args(folder_task, tmp_path, "killed", *args, "--resume", "auto"), capsys)
     assert_same_run(reference, resumed)

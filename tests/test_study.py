@@ -151,7 +151,7 @@ def test_bad_input_exits_with_one_line(argv, code, words, capsys):
     assert len(err.splitlines()) == 1 and words in err
 
 
-def test_study_records_summarises_and_resumes(tmp_path, tiny_teachers, capsys, monkeypatch):
+def test_study_records_summarises_and_resumes(tmp_path, tiny_teachers, tiny_students, capsys, monkeypatch):
     out = tmp_path / "study"
     argv = ["--config", str(write_task(tmp_path, tiny_teachers)), "--students", "mobilenetv3", "--seeds", "1", "2",
             "--arms", "alpha0", "uniform", "--num_epochs", "1", "--batch_size", "64", "--lr", "0.01", "--alpha", "0.5",

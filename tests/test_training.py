@@ -306,7 +306,7 @@ def test_out_of_memory_suggests_a_smaller_batch(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("batch_size", [20, 61])
-def test_task_a_trains_when_its_last_batch_would_hold_one_image(tmp_path, batch_size):
+def test_task_a_trains_when_its_last_batch_would_hold_one_image(tmp_path, tiny_students, batch_size):
     """1,221 training images = 61 x 20 + 1: without dropping the last batch, BatchNorm fails on it."""
     settings = TrainSettings(task="A", num_epochs=1, batch_size=batch_size, alpha=0.0, student_model="MobileNetV3",
                              device="cpu", output_dir=str(tmp_path))
