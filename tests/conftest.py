@@ -117,9 +117,11 @@ def run_in_process(train_argv: list[str], capsys) -> Path:
     return Path(capsys.readouterr().out.strip().splitlines()[-1])
 
 
-def train_command(train_argv: list[str], tiny: bool = False) -> list[str]:
-    """`python train.py ARGV` as a command to start in ROOT; tiny: with the students of tiny_students."""
-    return [sys.executable, *(["-m", "tests.tiny_students"] if tiny else []), "train.py", *train_argv]
+def script_command(script: str, argv: list[str], tiny: bool = False) -> list[str]:
+    """`python SCRIPT ARGV` for a script of the project (train.py, tune.py), to start from any folder;
+    tiny: with the students of tiny_students."""
+    launcher = [str(ROOT / "tests" / "tiny_students.py")] if tiny else []
+    return [sys.executable, *launcher, str(ROOT / script), *argv]
 
 
 def killed_after_first_checkpoint(command: list[str], output_dir: Path, linger: float = 0.0) -> Path:

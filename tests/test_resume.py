@@ -10,7 +10,7 @@ import train
 from kd.checkpoint import load_torch_checkpoint
 from kd.errors import UserError
 from kd.training import TrainSettings, train_student
-from tests.conftest import killed_after_first_checkpoint, run_in_process, signal_when, train_command, write_task
+from tests.conftest import killed_after_first_checkpoint, run_in_process, script_command, signal_when, write_task
 
 
 def train_args(config: Path, output_dir: Path, cache_dir: Path, *extra: str) -> list[str]:
@@ -34,7 +34,7 @@ def test_killed_run_resumes_bit_for_bit(tmp_path, tiny_teachers, tiny_students, 
     # only the run to kill is a process of its own (start-up costs seconds), with this process's threads
     reference = run_in_process(train_args(config, tmp_path / "ref", tmp_path / "cache"), capsys)
     # killed in the epochs that follow the first: 3 epochs take seconds, not 0.2 s
-    killed = train_command(train_args(config, tmp_path / "killed", tmp_path / "cache"), tiny=True)
+    killed = script_command("train.py", train_args(config, tmp_path / "killed", tmp_path / "cache"), tiny=True)
     killed_dir = killed_after_first_checkpoint(killed, tmp_path / "killed", linger=random.uniform(0.0, 0.2))
     resumed = run_in_process(train_args(config, tmp_path / "killed", tmp_path / "cache", "--resume", "auto"), capsys)
     assert resumed == killed_dir
@@ -81,7 +81,8 @@ def test_ctrl_c_and_sigterm_keep_the_last_epoch_and_say_how_to_resume(tmp_path, 
     once: SIGTERM before the first epoch ends (nothing is left), Ctrl-C after it (the epoch is kept)."""
     config = write_task(tmp_path, tiny_teachers)
     # config.yaml is written before the teacher-logit cache is built: well before the first epoch ends
-    code, out = signal_when(train_command(train_args(config, tmp_path / "early", tmp_path / "cache"), tiny=True),
+    early = train_args(config, tmp_path / "early", tmp_path / "cache")
+    code, out = signal_when(script_command("train.py", early, tiny=True),
                             lambda: list((tmp_path / "early").glob("*/config.yaml")), signal.SIGTERM,
                             tmp_path / "early.log")
     assert code == 143 and "Traceback" not in out and out.strip().endswith("terminated")
@@ -89,7 +90,7 @@ def test_ctrl_c_and_sigterm_keep_the_last_epoch_and_say_how_to_resume(tmp_path, 
 
     # 100 epochs: the run cannot finish before the signal arrives, however fast the machine
     late = train_args(config, tmp_path / "late", tmp_path / "cache", "--num_epochs", "100")
-    code, out = signal_when(train_command(late, tiny=True),
+    code, out = signal_when(script_command("train.py", late, tiny=True),
                             lambda: list((tmp_path / "late").glob("*/checkpoint_last.pt")), signal.SIGINT,
                             tmp_path / "late.log")
     run_dir = next((tmp_path / "late").iterdir())

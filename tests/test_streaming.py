@@ -30,7 +30,8 @@ from kd.speed import SpeedSettings
 from kd.students import build_student
 from kd.teachers import TeacherEnsemble, build_teacher
 from kd.training import TrainSettings, train_student
-from tests.conftest import TINY_STUDENTS, killed_after_first_checkpoint, run_in_process, train_command, with_random_head
+from tests.conftest import (TINY_STUDENTS, killed_after_first_checkpoint, run_in_process, script_command,
+                            with_random_head)
 from tests.test_custom_task import write_colour_folder, write_config
 from tests.test_resume import assert_same_run
 
@@ -252,8 +253,8 @@ def test_a_streamed_photo_task_with_a_pretrained_student_resumes_exactly_evaluat
     assert list((tmp_path / "cache").glob("*.npy"))
 
     assert "starts from the pretrained weights in" in log
-    killed_after_first_checkpoint(train_command(train_args(folder_task, tmp_path, "killed", *pretrained), tiny=True),
-                                  tmp_path / "killed")
+    killed = script_command("train.py", train_args(folder_task, tmp_path, "killed", *pretrained), tiny=True)
+    killed_after_first_checkpoint(killed, tmp_path / "killed")
     resumed = run_in_process(train_args(folder_task, tmp_path, "killed", "--resume", "auto"), capsys)
     assert_same_run(reference, resumed)
 
@@ -279,7 +280,7 @@ def test_a_streamed_mixup_run_with_workers_resumes_bit_for_bit_after_kill(folder
     move it (they start once per process, so only a resumed run would)."""
     args = ["--mixup", "0.4", "--teacher_cache", "off", "--num_workers", "2"]
     reference = run_in_process(train_args(folder_task, tmp_path, "ref", *args), capsys)
-    command = train_command(train_args(folder_task, tmp_path, "killed", *args), tiny=True)
+    command = script_command("train.py", train_args(folder_task, tmp_path, "killed", *args), tiny=True)
     killed_after_first_checkpoint(command, tmp_path / "killed")
     resumed = run_in_process(train_args(folder_task, tmp_path, "killed", *args, "--resume", "auto"), capsys)
     assert_same_run(reference, resumed)

@@ -5,7 +5,6 @@ import os
 import shlex
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import optuna
@@ -24,7 +23,7 @@ from kd.experiments.tune_plan import TunePlan
 from kd.experiments.tuning import DEFAULT_SPACE, Choices, FloatRange, Fixed, load_search_space, retry_of
 from kd.record import read_record
 from kd.settings import TrainSettings
-from tests.conftest import ROOT, signal_when, write_task
+from tests.conftest import ROOT, script_command, signal_when, write_task
 
 STUDY = "TaskT_MobileNetV3"  # the default study name of the tiny task and this student
 GOOD = {"temperature": 2.0, "alpha": 0.5, "lr": 0.01, "weight_decay": 1e-5, "teacher_weighting": "uniform"}
@@ -100,7 +99,8 @@ def enqueue(out: Path, *params: dict) -> None:
 
 
 @pytest.mark.slow
-def test_a_search_prunes_a_hopeless_trial_continues_on_rerun_and_reports(tmp_path, tiny_teachers, monkeypatch):
+def test_a_search_prunes_a_hopeless_trial_continues_on_rerun_and_reports(tmp_path, tiny_teachers, tiny_students,
+                                                                        monkeypatch):
     config, out = write_task(tmp_path, tiny_teachers), tmp_path / "out"
     out.mkdir()
     space = tmp_path / "space.yaml"
@@ -148,7 +148,7 @@ def test_a_search_prunes_a_hopeless_trial_continues_on_rerun_and_reports(tmp_pat
 
 
 @pytest.mark.slow
-def test_a_new_study_starts_with_the_defaults_and_reports_them_beside_the_best(tmp_path, capsys):
+def test_a_new_study_starts_with_the_defaults_and_reports_them_beside_the_best(tmp_path, capsys, tiny_students):
     config, out = write_task(tmp_path), tmp_path / "out"
     # a folder left by an earlier study under the name trial 0's run gets: the new trial must not score it
     leftover = out / "trials" / "TaskT_MobileNetV3_T2.0_a0.0_trial0"
@@ -176,13 +176,13 @@ def test_a_new_study_starts_with_the_defaults_and_reports_them_beside_the_best(t
 
 @pytest.mark.slow
 @pytest.mark.parametrize("storage", ["sqlite", "postgresql"])
-def test_two_processes_share_one_study(tmp_path, storage, request):
+def test_two_processes_share_one_study(tmp_path, storage, request, tiny_students):
     url = request.getfixturevalue("postgres_url") if storage == "postgresql" else sqlite(tmp_path / "out")
     config, out = write_task(tmp_path), tmp_path / "out"
     out.mkdir()
-    command = [sys.executable, str(ROOT / "tune.py"), *tune_args(config, out, "--trials", "4", "--storage", url,
-                                                                "--study_name", f"shared_{storage}", "--alpha", "0",
-                                                                "--num_epochs", "1")]
+    argv = tune_args(config, out, "--trials", "4", "--storage", url, "--study_name", f"shared_{storage}",
+                     "--alpha", "0", "--num_epochs", "1")
+    command = script_command("tune.py", argv, tiny=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     workers = [subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True) for _ in range(2)]
@@ -197,12 +197,12 @@ def test_two_processes_share_one_study(tmp_path, storage, request):
 
 
 @pytest.mark.slow
-def test_a_killed_search_reruns_the_trial_it_left_running(tmp_path, kd_log):
+def test_a_killed_search_reruns_the_trial_it_left_running(tmp_path, kd_log, tiny_students):
     config, out = write_task(tmp_path), tmp_path / "out"
     # alpha fixed at 0: no teachers needed. Trial 1 is killed within milliseconds of its first epoch, long
     # before its second ends
     argv = tune_args(config, out, "--trials", "3", "--alpha", "0")
-    command = [sys.executable, str(ROOT / "tune.py"), *argv]
+    command = script_command("tune.py", argv, tiny=True)
 
     def second_trial_started() -> bool:
         return len(list((out / "trials").glob("*/checkpoint_last.pt"))) >= 2
@@ -226,7 +226,7 @@ def assert_retried(study: optuna.Study) -> None:
 
 
 @pytest.mark.slow
-def test_ctrl_c_or_sigterm_queues_the_running_trial_again(tmp_path, monkeypatch):
+def test_ctrl_c_or_sigterm_queues_the_running_trial_again(tmp_path, monkeypatch, tiny_students):
     config, out = write_task(tmp_path), tmp_path / "out"
     argv = tune_args(config, out, "--trials", "3", "--alpha", "0", "--num_epochs", "1")
     train = tuning.train_student
