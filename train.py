@@ -5,6 +5,7 @@ import os
 import sys
 
 from kd.cli import ArgumentParser, add_training_arguments, given_options, parse_with_recipe
+from kd.config import load_task_config
 from kd.errors import run_cli
 from kd.settings import TrainSettings, settings_problem
 
@@ -36,8 +37,6 @@ def given_flags(argv: list[str]) -> set[str]:
 
 
 def main(argv: list[str]) -> None:
-    from kd.training import TrainSettings, train_student, train_teachers
-
     parser = get_args_parser()
     options = vars(parse_with_recipe(parser, argv))
     options["task"] = options.pop("config") or options["task"]
@@ -45,6 +44,10 @@ def main(argv: list[str]) -> None:
     settings = TrainSettings(**options)
     if problem := settings_problem(settings):
         parser.error(problem)
+    if not settings.resume:  # a resumed run reads its task from its record, not from the file as it is now
+        load_task_config(settings.task)  # a bad task file is one line at once, not after torch has loaded
+    from kd.training import train_student, train_teachers
+
     if teachers_only:
         run_dir = train_teachers(settings)
     else:

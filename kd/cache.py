@@ -42,12 +42,12 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from kd.batches import Batch
-from kd.checkpoint import atomic_write
+from kd.files import atomic_write
 from kd.distributed import World, main_process_first
 from kd.engine import Precision
 from kd.errors import UserError
 from kd.config import TaskConfig
-from kd.models import ModelBuild
+from kd.builds import ModelBuild
 from kd.streaming import FileSplit
 from kd.teachers import TeacherEnsemble, teacher_build
 

@@ -100,7 +100,7 @@ class TaskConfig:
     augment: AugmentSpec
     teachers: tuple[TeacherSpec, ...]
     # First downsampling layers halved per student (kd.models.create_model); unnamed students: by the
-    # input size (kd.models.default_stride_reduction).
+    # input size (kd.builds.default_stride_reduction).
     student_stride_reduction: dict[str, int] = field(default_factory=dict)
     root: Path = CONFIG_DIR.parent  # relative checkpoint paths resolve against this
 

@@ -6,7 +6,6 @@ evaluation/Task<name>/ (metrics.json and four PNG figures).
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import time
@@ -22,15 +21,15 @@ from kd import metrics as m
 from kd import plots
 from kd.batches import input_size
 from kd.cache import file_sha256
-from kd.cli import ArgumentParser, train_command
+from kd.cli import train_command
 from kd.config import TaskConfig, load_task_config
 from kd.data import Split, TaskData, load_task_data
 from kd.engine import EVAL_BATCH_SIZE, Precision, collect_logits, select_device
-from kd.errors import UserError, run_cli
+from kd.errors import UserError
 from kd.distillers import make_distiller
 from kd.models import count_parameters
-from kd.report import format_task_result, write_json
-from kd.runs import read_metrics, setup_logging
+from kd.report import write_json
+from kd.runs import read_metrics
 from kd.speed import Speed, SpeedSettings, measure_speed, sequential_speed
 from kd.streaming import FileSplit
 from kd.record import RunRecord, load_student, newest_run, open_run
@@ -214,35 +213,3 @@ def model_points(results: dict) -> list[plots.ModelPoint]:
     points.append(plots.ModelPoint(f"ensemble ({ensemble['weighting']})", "ensemble", ensemble["params"],
                                    ensemble["accuracy"], ensemble["latency_ms"]))
     return points
-
-
-def task_parser(task: str | None) -> argparse.ArgumentParser:
-    """The flags of evaluation_task<a|b>.py (`task` A or B) and of evaluation_task.py (None: --config is required)."""
-    name = task or "<name>"
-    p = ArgumentParser(description=f"Evaluate task {name}'s student and teachers on the test split: "
-                                   f"metrics.json and figures in evaluation/Task{name}/.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--config", default=None, required=task is None, metavar="YAML",
-                   help="a task config file (the one the run was trained with)" + (f"; overrides task {task}"
-                                                                                     if task else ""))
-    p.add_argument("--run_dir", default=None,
-                   help=f"run folder to evaluate (default: the newest Task{name}_* run with a checkpoint)")
-    p.add_argument("--checkpoint", default=None,
-                   help="student weights (default: the run's student.safetensors, else checkpoint_best.pt)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
-                   help="device for the test-set pass; speed is always measured on CPU")
-    p.add_argument("--output_dir", default=None, help=f"where results go (default: evaluation/Task{name})")
-    p.add_argument("--runs_root", default="runs", help="folder holding the run folders")
-    return p
-
-
-def main_for_task(task: str | None = None, argv: list[str] | None = None) -> None:
-    """The whole of evaluation_task<a|b>.py and evaluation_task.py: parse flags, evaluate, print a short result."""
-    args = vars(task_parser(task).parse_args(argv))
-    config = args.pop("config") or task
-
-    def main():
-        setup_logging()
-        print(format_task_result(evaluate_task(config, **args)))
-
-    run_cli(main)

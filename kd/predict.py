@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from kd.checkpoint import atomic_write
+from kd.files import atomic_write
 from kd.cli import ArgumentParser, positive_int
 from kd.config import TaskConfig
 from kd.augment import center_crop

@@ -1,7 +1,7 @@
 """The run record: what a run was trained as, written once when it starts, read by all that comes after.
 
 A run folder holds config.yaml, its record: the resolved settings, the task config as it was (with
-absolute paths), how the model is built (kd.models.ModelBuild), the teachers' checkpoint hashes and
+absolute paths), how the model is built (kd.builds.ModelBuild), the teachers' checkpoint hashes and
 when the run was created. The model's weights carry the same build in their metadata. Resume,
 evaluation, export, predict and the tuner rebuild a run's model from here, never from the task YAML
 as it is now. This module also names, creates and finds runs: by folder, by name (--resume auto),
@@ -17,16 +17,18 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch.nn as nn
-
-from kd.checkpoint import atomic_write, check_classes, load_state_into, load_weights
+from kd.builds import ModelBuild
 from kd.config import TaskConfig, parse_task_config, read_yaml
 from kd.errors import UserError
-from kd.models import ModelBuild
+from kd.files import atomic_write
 from kd.runs import write_yaml
 from kd.settings import TrainSettings, canonical_student_name
 from kd.students import student_build, with_stride_reduction
+
+if TYPE_CHECKING:
+    import torch.nn as nn
 
 log = logging.getLogger("kd")
 RECORD_FILE = "config.yaml"
@@ -223,6 +225,8 @@ def load_student(record: RunRecord, weights: Path) -> tuple[nn.Module, dict]:
     The network is built from the run's record; weights that say they were built otherwise (another
     run's, say) are refused with the difference named.
     """
+    from kd.checkpoint import check_classes, load_state_into, load_weights  # torch: only to load a network
+
     state, meta = load_weights(weights)
     source = f"student checkpoint {weights}"
     check_classes(meta, record.task.classes, source)

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from kd.checkpoint import atomic_write
+from kd.files import atomic_write
 
 
 def _millions(params: int) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 from tqdm import tqdm
 
-from kd.checkpoint import atomic_write
+from kd.files import atomic_write
 
 log = logging.getLogger("kd")
 

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
+from kd.builds import ModelBuild, default_stride_reduction
 from kd.config import TaskConfig
-from kd.models import ModelBuild, Normalized, default_stride_reduction
 from kd.settings import STUDENT_ARCHS, canonical_student_name
+
+if TYPE_CHECKING:
+    from kd.models import Normalized
 
 
 def with_stride_reduction(task: TaskConfig, name: str, halvings: int | None) -> TaskConfig:

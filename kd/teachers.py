@@ -13,7 +13,8 @@ from kd.config import TaskConfig, TeacherSpec
 from kd.engine import Precision, collect_logits
 from kd.errors import UserError
 from kd.losses import teacher_target
-from kd.models import ModelBuild, Normalized, default_stride_reduction
+from kd.builds import ModelBuild, default_stride_reduction
+from kd.models import Normalized
 
 
 class TeacherEnsemble(nn.Module):

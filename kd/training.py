@@ -22,7 +22,8 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 from kd.cache import TeacherLogitCache, file_sha256, open_teacher_cache
-from kd.checkpoint import atomic_write, load_weights
+from kd.checkpoint import load_weights
+from kd.files import atomic_write
 from kd.config import Recipe, TaskConfig, TeacherSpec, load_task_config, normalisable
 from kd.data import TaskData, load_task_data
 from kd.distributed import World, broadcast, init_world, main_process_first, process_device, shutdown
@@ -30,7 +31,8 @@ from kd.engine import (EVAL_BATCH_SIZE, Mixup, Precision, fit, online_teachers, 
                        select_precision)
 from kd.errors import UserError
 from kd.distillers import make_distiller
-from kd.models import ModelBuild, count_parameters
+from kd.builds import ModelBuild
+from kd.models import count_parameters
 from kd.record import (LAST_CHECKPOINT, RunRecord, check_output_dir, create_run_dir, new_record, read_record,
                        resume_target, run_name, write_record)
 from kd.resume import RunCheckpoints, extend_to, resumed_settings

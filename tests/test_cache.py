@@ -8,7 +8,8 @@ from kd.checkpoint import save_weights
 from kd.config import AugmentSpec
 from kd.data import Batches, Split
 from kd.engine import Precision, online_teachers
-from kd.models import ModelBuild, create_model
+from kd.builds import ModelBuild
+from kd.models import create_model
 from kd.teachers import TeacherEnsemble
 from tests.conftest import with_random_head
 

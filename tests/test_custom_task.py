@@ -25,7 +25,7 @@ from kd.images import read_image
 from kd.distributed import World
 from kd.engine import Precision
 from kd.errors import UserError
-from kd.evaluation import main_for_task
+from kd.evaluation_cli import main_for_task
 from kd.export import PARITY_RTOL, compare_outputs, export_student
 from kd.models import create_model, halve_first_downsampling
 from kd.predict import main as predict_main

@@ -11,7 +11,7 @@ import evaluation
 import train
 import tune
 from conftest import ROOT, load_benchmark
-from kd import evaluation as task_evaluation
+from kd import evaluation_cli
 from kd import export, predict
 from kd.cli import parse_with_recipe
 from kd.experiments import results
@@ -20,9 +20,9 @@ from kd.experiments.study import summarize
 MANUAL = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 PARSERS = {
     "train.py": train.get_args_parser, "tune.py": tune.get_args_parser, "evaluation.py": evaluation.get_args_parser,
-    "evaluation_taska.py": lambda: task_evaluation.task_parser("A"),
-    "evaluation_taskb.py": lambda: task_evaluation.task_parser("B"),
-    "evaluation_task.py": lambda: task_evaluation.task_parser(None),
+    "evaluation_taska.py": lambda: evaluation_cli.task_parser("A"),
+    "evaluation_taskb.py": lambda: evaluation_cli.task_parser("B"),
+    "evaluation_task.py": lambda: evaluation_cli.task_parser(None),
     "predict.py": predict.get_args_parser, "export.py": export.get_args_parser,
 }
 SCRIPT = re.compile(r"(?:^|\s)((?:benchmarks/)?\w+\.py)(\s|$)")

@@ -21,7 +21,8 @@ from kd import plots
 from kd.checkpoint import save_weights
 from kd.config import load_task_config
 from kd.errors import UserError
-from kd.evaluation import ensemble_probabilities, evaluate_task, main_for_task, task_parser
+from kd.evaluation import ensemble_probabilities, evaluate_task
+from kd.evaluation_cli import main_for_task, task_parser
 from kd.record import RunRecord, load_student
 from kd.report import build_summary, format_evaluation_summary, last_line, task_row
 from kd.settings import TrainSettings

@@ -65,9 +65,18 @@ def test_kd_has_no_import_circle():
     assert find_cycle(graph) is None
 
 
-def test_the_training_core_loads_neither_optuna_nor_the_experiments():
-    code = ("import sys, kd.training, kd.evaluation, kd.export, kd.predict; "
-            "print(sorted(m for m in sys.modules if m.startswith(('optuna', 'kd.experiments'))))")
+def loaded_by(modules: str, prefixes: tuple[str, ...]) -> list[str]:
+    """The modules starting with one of `prefixes` that importing `modules` loads in a clean interpreter."""
+    code = f"import sys, {modules}; print(sorted(m for m in sys.modules if m.startswith({prefixes!r})))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=KD.parent).stdout
-    assert out.strip() == "[]"
+    return ast.literal_eval(out)
+
+
+def test_the_training_core_loads_neither_optuna_nor_the_experiments():
+    assert loaded_by("kd.training, kd.evaluation, kd.export, kd.predict", ("optuna", "kd.experiments")) == []
+
+
+def test_finding_runs_and_the_evaluation_scripts_flags_load_no_torch():
+    """So that "no run yet" and a bad flag answer at once, not after seconds of importing torch and timm."""
+    assert loaded_by("kd.record, kd.evaluation_cli, kd.report", ("torch", "timm")) == []

@@ -32,7 +32,8 @@ from matplotlib.figure import Figure
 from scipy.stats import t as student_t
 
 from kd.cache import file_sha256
-from kd.checkpoint import atomic_write, load_weights
+from kd.checkpoint import load_weights
+from kd.files import atomic_write
 from kd.cli import add_training_arguments
 from kd.config import TASK_CONFIGS, TaskConfig, load_task_config
 from kd.distillers import METHODS

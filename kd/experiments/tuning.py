@@ -35,7 +35,8 @@ from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
 
 from kd import plots
-from kd.checkpoint import atomic_write, load_weights
+from kd.checkpoint import load_weights
+from kd.files import atomic_write
 from kd.cli import bounded_float, positive_float, train_command, unit_interval
 from kd.config import TaskConfig, load_task_config
 from kd.distillers import METHODS
