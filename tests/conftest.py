@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -140,26 +141,53 @@ def killed_after_first_checkpoint(command: list[str], output_dir: Path, linger: 
     return next(output_dir.iterdir())
 
 
+def in_background(function, *args) -> Future:
+    """function(*args) in a thread of its own, e.g. killed_after_first_checkpoint: the process it starts
+    spends its seconds importing torch while this one trains a reference run."""
+    pool = ThreadPoolExecutor(max_workers=1)
+    future = pool.submit(function, *args)
+    pool.shutdown(wait=False)  # the thread ends with the call: future.result() is what waits for it
+    return future
+
+
 def signal_when(command: list[str], ready, sig: int, log: Path, cwd: Path = ROOT) -> tuple[int, str]:
     """Start `command` with its output in `log` (a file: a pipe nobody reads can fill up and stall the
     run), send `sig` once `ready()` holds, and return the exit status and the output."""
-    with log.open("w") as out:
+    return signal_each([(command, ready, sig, log)], cwd)[0]
+
+
+def signal_each(runs: list[tuple], cwd: Path = ROOT) -> list[tuple[int, str]]:
+    """signal_when for several (command, ready, sig, log) at once: the processes start together, so their
+    seconds of importing torch overlap; each gets its signal when its own ready() holds."""
+    def start(command, log):
         # a shell starts background jobs with SIGINT ignored, and Python keeps an ignored SIGINT ignored:
         # give the run the default disposition, as a terminal would
-        process = subprocess.Popen(command, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
-                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-        deadline = time.monotonic() + 300
-        while not ready():
-            assert process.poll() is None, f"the run ended before the signal:\n{log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"not ready after 300 s:\n{log.read_text()[-3000:]}"
+        with log.open("w") as out:
+            return subprocess.Popen(command, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
+                                    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+    processes = [start(command, log) for command, _, _, log in runs]
+    waiting, deadline = set(range(len(runs))), time.monotonic() + 300
+    try:
+        while waiting:
+            for i in sorted(waiting):
+                _, ready, sig, log = runs[i]
+                assert processes[i].poll() is None, f"the run ended before the signal:\n{log.read_text()[-3000:]}"
+                assert time.monotonic() < deadline, f"not ready after 300 s:\n{log.read_text()[-3000:]}"
+                if ready():
+                    processes[i].send_signal(sig)
+                    waiting.discard(i)
             time.sleep(0.01)
-        process.send_signal(sig)
-        try:
-            code = process.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            raise AssertionError(f"still running 120 s after the signal:\n{log.read_text()[-3000:]}") from None
-    return code, log.read_text()
+        results = []
+        for process, (_, _, _, log) in zip(processes, runs):
+            try:
+                results.append((process.wait(timeout=120), log.read_text()))
+            except subprocess.TimeoutExpired:
+                raise AssertionError(f"still running 120 s after the signal:\n{log.read_text()[-3000:]}") from None
+        return results
+    finally:
+        for process in processes:
+            process.kill()  # none is left running when an assertion fails; a no-op for one that has ended
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ import train
 from kd.checkpoint import load_torch_checkpoint
 from kd.errors import UserError
 from kd.training import TrainSettings, train_student
-from tests.conftest import killed_after_first_checkpoint, run_in_process, script_command, signal_when, write_task
+from tests.conftest import killed_after_first_checkpoint, run_in_process, script_command, signal_each, write_task
 
 
 def train_args(config: Path, output_dir: Path, cache_dir: Path, *extra: str) -> list[str]:
@@ -78,22 +78,22 @@ def test_resume_with_more_epochs_trains_on_along_the_longer_cosine_and_names_ign
 @pytest.mark.slow
 def test_ctrl_c_and_sigterm_keep_the_last_epoch_and_say_how_to_resume(tmp_path, tiny_teachers):
     """Both signals take one path (SIGTERM raises a KeyboardInterrupt, as Ctrl-C does), so each is sent
-    once: SIGTERM before the first epoch ends (nothing is left), Ctrl-C after it (the epoch is kept)."""
+    once, to one of two runs started together: SIGTERM before the first epoch ends (nothing is left),
+    Ctrl-C after it (the epoch is kept)."""
     config = write_task(tmp_path, tiny_teachers)
     # config.yaml is written before the teacher-logit cache is built: well before the first epoch ends
-    early = train_args(config, tmp_path / "early", tmp_path / "cache")
-    code, out = signal_when(script_command("train.py", early, tiny=True),
-                            lambda: list((tmp_path / "early").glob("*/config.yaml")), signal.SIGTERM,
-                            tmp_path / "early.log")
+    early = train_args(config, tmp_path / "early", tmp_path / "early_cache")
+    # 100 epochs: the run cannot finish before the signal arrives, however fast the machine
+    late = train_args(config, tmp_path / "late", tmp_path / "late_cache", "--num_epochs", "100")
+    (code, out), (late_code, late_out) = signal_each([
+        (script_command("train.py", early, tiny=True), lambda: list((tmp_path / "early").glob("*/config.yaml")),
+         signal.SIGTERM, tmp_path / "early.log"),
+        (script_command("train.py", late, tiny=True), lambda: list((tmp_path / "late").glob("*/checkpoint_last.pt")),
+         signal.SIGINT, tmp_path / "late.log")])
     assert code == 143 and "Traceback" not in out and out.strip().endswith("terminated")
     assert not any((tmp_path / "early").iterdir())  # stopped before its first epoch: nothing left
 
-    # 100 epochs: the run cannot finish before the signal arrives, however fast the machine
-    late = train_args(config, tmp_path / "late", tmp_path / "cache", "--num_epochs", "100")
-    code, out = signal_when(script_command("train.py", late, tiny=True),
-                            lambda: list((tmp_path / "late").glob("*/checkpoint_last.pt")), signal.SIGINT,
-                            tmp_path / "late.log")
     run_dir = next((tmp_path / "late").iterdir())
-    assert code == 130 and "Traceback" not in out and out.strip().endswith("interrupted")
-    assert f"python train.py --resume {run_dir}" in out
+    assert late_code == 130 and "Traceback" not in late_out and late_out.strip().endswith("interrupted")
+    assert f"python train.py --resume {run_dir}" in late_out
     assert load_torch_checkpoint(run_dir / "checkpoint_last.pt")["epoch"] >= 1

@@ -261,7 +261,8 @@ def existing_study(out: Path) -> bytes:
     (["--storage", "nosuchdb://x"], 1, "cannot open the study storage"),
     (["--alpha", "0.5", "--num_epochs", "3"], 1, "was started with other settings"),
 ])
-def test_bad_input_stops_with_one_line_and_loses_nothing(tmp_path, capsys, extra, status, message):
+def test_bad_input_stops_with_one_line_and_loses_nothing(tmp_path, capsys, monkeypatch, extra, status, message):
+    monkeypatch.setattr(tuning, "OPEN_RETRY_S", 0.0)  # a storage that cannot open is tried again at once
     config, out = write_task(tmp_path), tmp_path / "out"
     before = existing_study(out)
     (tmp_path / "space.yaml").write_text("beta: {low: 0, high: 1}\n")

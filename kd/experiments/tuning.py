@@ -55,7 +55,7 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # what --trials counts
 HEARTBEAT_S = 30  # a trial whose process stopped beating for GRACE_S is failed and run again
 GRACE_S = 120
 MAX_RETRIES = 2
-OPEN_ATTEMPTS = 3
+OPEN_ATTEMPTS, OPEN_RETRY_S = 3, 1.0  # tries at opening the study storage, seconds between
 PRUNER_STARTUP_TRIALS = 3  # complete trials before the pruner compares; a median of fewer says little
 SIGNIFICANT_DIGITS = 3  # searched numbers are rounded so the best command line reads well
 
@@ -230,7 +230,7 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
             # next attempt finds them made
             if attempt == OPEN_ATTEMPTS - 1:
                 raise UserError(f"cannot open the study storage {_safe_url(url)}: {_first_line(err)}") from None
-            time.sleep(1.0)
+            time.sleep(OPEN_RETRY_S)
 
 
 @contextmanager
