@@ -106,6 +106,6 @@ def run_streaming(command: Sequence[str], tail_bytes: int = 4096) -> tuple[int, 
 
 
 def write_json(data: dict, path: Path) -> None:
-    """Write through a temporary file and a rename (kd.checkpoint.atomic_write), so a reader never
+    """Write through a temporary file and a rename (kd.files.atomic_write), so a reader never
     sees half a file."""
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"))

@@ -8,7 +8,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -141,15 +140,6 @@ def killed_after_first_checkpoint(command: list[str], output_dir: Path, linger: 
     return next(output_dir.iterdir())
 
 
-def in_background(function, *args) -> Future:
-    """function(*args) in a thread of its own, e.g. killed_after_first_checkpoint: the process it starts
-    spends its seconds importing torch while this one trains a reference run."""
-    pool = ThreadPoolExecutor(max_workers=1)
-    future = pool.submit(function, *args)
-    pool.shutdown(wait=False)  # the thread ends with the call: future.result() is what waits for it
-    return future
-
-
 def signal_when(command: list[str], ready, sig: int, log: Path, cwd: Path = ROOT) -> tuple[int, str]:
     """Start `command` with its output in `log` (a file: a pipe nobody reads can fill up and stall the
     run), send `sig` once `ready()` holds, and return the exit status and the output."""
@@ -166,9 +156,10 @@ def signal_each(runs: list[tuple], cwd: Path = ROOT) -> list[tuple[int, str]]:
             return subprocess.Popen(command, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
                                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
-    processes = [start(command, log) for command, _, _, log in runs]
+    processes = []
     waiting, deadline = set(range(len(runs))), time.monotonic() + 300
     try:
+        processes += [start(command, log) for command, _, _, log in runs]
         while waiting:
             for i in sorted(waiting):
                 _, ready, sig, log = runs[i]
@@ -186,8 +177,9 @@ def signal_each(runs: list[tuple], cwd: Path = ROOT) -> list[tuple[int, str]]:
                 raise AssertionError(f"still running 120 s after the signal:\n{log.read_text()[-3000:]}") from None
         return results
     finally:
-        for process in processes:
-            process.kill()  # none is left running when an assertion fails; a no-op for one that has ended
+        for process in processes:  # none is left running when an assertion fails
+            process.kill()  # a no-op for one that has ended
+            process.wait()
 
 
 @pytest.fixture(scope="session")

@@ -30,8 +30,8 @@ from kd.speed import SpeedSettings
 from kd.students import build_student
 from kd.teachers import TeacherEnsemble, build_teacher
 from kd.training import TrainSettings, train_student
-from tests.conftest import (TINY_STUDENTS, in_background, killed_after_first_checkpoint, run_in_process,
-                            script_command, with_random_head)
+from tests.conftest import (TINY_STUDENTS, killed_after_first_checkpoint, run_in_process, script_command,
+                            with_random_head)
 from tests.test_custom_task import write_colour_folder, write_config
 from tests.test_resume import assert_same_run
 
@@ -277,11 +277,8 @@ def test_a_streamed_mixup_run_with_workers_resumes_bit_for_bit_after_kill(folder
     """mixup draws from torch's global stream, which the checkpoints save; the loaders' workers must not
     move it (they start once per process, so only a resumed run would)."""
     args = ["--mixup", "0.4", "--teacher_cache", "off", "--num_workers", "2"]
-    run_in_process(train_args(folder_task, tmp_path, "teachers", "--teachers_only"), capsys)
-    # the run to kill imports torch in a process of its own while the reference trains here
-    command = script_command("train.py", train_args(folder_task, tmp_path, "killed", *args), tiny=True)
-    killing = in_background(killed_after_first_checkpoint, command, tmp_path / "killed")
     reference = run_in_process(train_args(folder_task, tmp_path, "ref", *args), capsys)
-    killing.result()
+    command = script_command("train.py", train_args(folder_task, tmp_path, "killed", *args), tiny=True)
+    killed_after_first_checkpoint(command, tmp_path / "killed")
     resumed = run_in_process(train_args(folder_task, tmp_path, "killed", *args, "--resume", "auto"), capsys)
     assert_same_run(reference, resumed)

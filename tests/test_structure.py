@@ -77,6 +77,6 @@ def test_the_training_core_loads_neither_optuna_nor_the_experiments():
     assert loaded_by("kd.training, kd.evaluation, kd.export, kd.predict", ("optuna", "kd.experiments")) == []
 
 
-def test_finding_runs_and_the_evaluation_scripts_flags_load_no_torch():
+def test_train_py_finding_runs_and_the_evaluation_scripts_flags_load_no_torch():
     """So that "no run yet" and a bad flag answer at once, not after seconds of importing torch and timm."""
-    assert loaded_by("kd.record, kd.evaluation_cli, kd.report", ("torch", "timm")) == []
+    assert loaded_by("train, kd.record, kd.evaluation_cli, kd.report", ("torch", "timm")) == []
