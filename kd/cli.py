@@ -68,6 +68,13 @@ def unit_interval(text: str) -> float:
     return value
 
 
+def decay_rate(text: str) -> float:
+    value = _number(text, float)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+    return value
+
+
 def fraction(text: str) -> float:
     value = _number(text, float)
     if not 0.0 < value <= 1.0:
@@ -175,6 +182,10 @@ def add_training_arguments(p: argparse.ArgumentParser, names: Collection[str] | 
     add("--mixup", type=bounded_float(0.0), default=DEFAULTS.mixup, metavar="A",
                    help="blend each training batch with a shuffled copy by lam ~ Beta(A, A), labels too; the "
                         "teachers run online on the blended images (function matching). 0: off; 0.2-1 usual")
+    add("--ema_decay", type=decay_rate, default=DEFAULTS.ema_decay, metavar="D",
+        help="validate, keep and test a moving average of the student's weights, updated after every step; "
+             "its decay ramps up as 1 - (1 + step)^-0.75 (0.99 after 460 steps, 0.999 after 10,000) and stops "
+             "at D; 0: off")
 
 
 def add_output_dir(p: argparse.ArgumentParser, help: str) -> None:

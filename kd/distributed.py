@@ -69,6 +69,13 @@ def reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def broadcast_tensors(tensors) -> None:
+    """Rank 0's values of `tensors`, in place on every process."""
+    if active():
+        for tensor in tensors:
+            dist.broadcast(tensor, src=0)
+
+
 def broadcast(value):
     """Rank 0's `value`, on every process."""
     if not active():

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from kd.checkpoint import atomic_torch_save, load_state_into, load_torch_checkpoint, save_weights
-from kd.engine import Precision, evaluate, rng_state, set_rng_state
+from kd.engine import Precision, WeightAverage, evaluate, rng_state, set_rng_state
 from kd.errors import UserError
 from kd.models import count_parameters
 from kd.record import LAST_CHECKPOINT, RunRecord
@@ -62,26 +62,30 @@ def extend_to(num_epochs: int, record: RunRecord, checkpoints: "RunCheckpoints",
 
 
 class RunCheckpoints:
-    """checkpoint_last.pt every epoch: model, optimizer, scheduler, grad scaler, RNG states and the
-    metrics history, all a resumed run needs to continue bit for bit; checkpoint_best.pt (weights
-    only) and student.safetensors on a new best validation accuracy."""
+    """checkpoint_last.pt every epoch: model, optimizer, scheduler, grad scaler, the weights' moving
+    average, RNG states and the metrics history, all a resumed run needs to continue bit for bit;
+    checkpoint_best.pt (weights only) and student.safetensors on a new best validation accuracy: the
+    weights validated, the moving average's where the run keeps one."""
 
-    def __init__(self, run_dir: Path, model, optimizer, scheduler, precision: Precision, role: str, metadata: dict):
+    def __init__(self, run_dir: Path, model, optimizer, scheduler, precision: Precision, role: str, metadata: dict,
+                 average: WeightAverage | None = None):
         self.run_dir, self.model, self.optimizer = run_dir, model, optimizer
-        self.scheduler, self.precision, self.metadata = scheduler, precision, dict(metadata)
+        self.scheduler, self.precision, self.metadata, self.average = scheduler, precision, dict(metadata), average
+        self.validated = average.model if average else model
         self.weights_path = run_dir / f"{role}.safetensors"
         self.metadata["params"] = count_parameters(model)
         self.best_val_acc, self.best_val_loss, self.best_epoch, self.epoch = -1.0, float("inf"), 0, 0
         self.history: list[dict] = []
 
-    def _weights(self) -> dict:
-        return {"model": self.model.state_dict(), "epoch": self.epoch, "best_val_acc": self.best_val_acc,
+    def _weights(self, model) -> dict:
+        return {"model": model.state_dict(), "epoch": self.epoch, "best_val_acc": self.best_val_acc,
                 "best_val_loss": self.best_val_loss, "best_epoch": self.best_epoch, "metadata": self.metadata}
 
     def _full_state(self) -> dict:
-        return {**self._weights(), "optimizer": self.optimizer.state_dict(), "history": self.history,
+        average = {"average": self.average.state_dict()} if self.average else {}
+        return {**self._weights(self.model), "optimizer": self.optimizer.state_dict(), "history": self.history,
                 "scheduler": self.scheduler.state_dict(), "scaler": self.precision.scaler.state_dict(),
-                "rng": rng_state()}
+                "rng": rng_state(), **average}
 
     def save(self, row: dict) -> None:
         self.epoch = row["epoch"]
@@ -89,8 +93,8 @@ class RunCheckpoints:
         if self._is_best(row):
             self.best_val_acc, self.best_val_loss, self.best_epoch = row["val_acc"], row["val_loss"], row["epoch"]
             self.metadata.update(val_acc=row["val_acc"], epoch=row["epoch"])
-            atomic_torch_save(self._weights(), self.run_dir / "checkpoint_best.pt")
-            save_weights(self.model, self.weights_path, self.metadata)
+            atomic_torch_save(self._weights(self.validated), self.run_dir / "checkpoint_best.pt")
+            save_weights(self.validated, self.weights_path, self.metadata)
         atomic_torch_save(self._full_state(), self.run_dir / LAST_CHECKPOINT)
 
     def _is_best(self, row: dict) -> bool:
@@ -102,6 +106,8 @@ class RunCheckpoints:
         """Load checkpoint_last.pt into the model, optimizer, scheduler, scaler and RNGs; return the history."""
         state = load_torch_checkpoint(self.run_dir / LAST_CHECKPOINT)
         load_state_into(self.model, state["model"], f"{self.run_dir / LAST_CHECKPOINT}")
+        if self.average:
+            self.average.load_state_dict(state["average"], f"{self.run_dir / LAST_CHECKPOINT}: its moving average")
         self.optimizer.load_state_dict(state["optimizer"])
         scheduler_state = state["scheduler"]
         if isinstance(self.scheduler, torch.optim.lr_scheduler.LambdaLR):  # also an earlier release's cosine
@@ -117,9 +123,9 @@ class RunCheckpoints:
 
     def finish(self, test_batches) -> float:
         """Report the best checkpoint's test accuracy (selection used validation only)."""
-        self.model.load_state_dict(load_torch_checkpoint(self.run_dir / "checkpoint_best.pt")["model"])
-        test_acc = evaluate(self.model, test_batches, self.precision)["acc"]
+        self.validated.load_state_dict(load_torch_checkpoint(self.run_dir / "checkpoint_best.pt")["model"])
+        test_acc = evaluate(self.validated, test_batches, self.precision)["acc"]
         self.metadata["test_acc"] = test_acc
-        save_weights(self.model, self.weights_path, self.metadata)
+        save_weights(self.validated, self.weights_path, self.metadata)
         log.info("best epoch %d: val acc %.4f, test acc %.4f", self.best_epoch, self.best_val_acc, test_acc)
         return test_acc

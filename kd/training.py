@@ -27,8 +27,8 @@ from kd.files import atomic_write
 from kd.config import Recipe, TaskConfig, TeacherSpec, load_task_config, normalisable
 from kd.data import TaskData, load_task_data
 from kd.distributed import World, broadcast, init_world, main_process_first, process_device, shutdown
-from kd.engine import (EVAL_BATCH_SIZE, Mixup, Precision, fit, online_teachers, seed_everything, select_device,
-                       select_precision)
+from kd.engine import (EVAL_BATCH_SIZE, Mixup, Precision, WeightAverage, fit, online_teachers, seed_everything,
+                       select_device, select_precision)
 from kd.errors import UserError
 from kd.distillers import make_distiller
 from kd.builds import ModelBuild
@@ -326,6 +326,7 @@ def _train_in(run_dir: Path, settings: TrainSettings, task: TaskConfig, trainee:
     if trainee.pretrained:
         log.info("%s starts from %s", trainee.label, _start_weights(trainee.pretrained))
     trained = _wrap_for_training(model, settings, device, world)
+    average = WeightAverage(model, settings.ema_decay) if settings.ema_decay else None
     optimizer = make_optimizer(settings, model.parameters())
     scheduler = make_scheduler(settings, optimizer)
     val_batches = data.val.batches(EVAL_BATCH_SIZE, device)
@@ -334,7 +335,8 @@ def _train_in(run_dir: Path, settings: TrainSettings, task: TaskConfig, trainee:
                                fixed_weights=fixed_teacher_weights(settings, task),
                                label_smoothing=settings.label_smoothing)
 
-    checkpoints = RunCheckpoints(run_dir, model, optimizer, scheduler, precision, trainee.role, trainee.metadata)
+    checkpoints = RunCheckpoints(run_dir, model, optimizer, scheduler, precision, trainee.role, trainee.metadata,
+                                 average)
     metrics = MetricsLog(run_dir) if world.is_main else None
     if settings.resume:
         history = checkpoints.restore()
@@ -356,7 +358,8 @@ def _train_in(run_dir: Path, settings: TrainSettings, task: TaskConfig, trainee:
         fit(trained, train_batches, val_batches, optimizer=optimizer, scheduler=scheduler, criterion=criterion,
             epochs=settings.num_epochs, start_epoch=checkpoints.epoch, precision=precision, teachers=teachers,
             teacher_names=ensemble.names if ensemble else (), on_epoch=after_epoch, desc=trainee.label,
-            progress=not hooks.quiet, mixup=Mixup(settings.mixup, task.num_classes) if settings.mixup else None)
+            progress=not hooks.quiet, mixup=Mixup(settings.mixup, task.num_classes) if settings.mixup else None,
+            average=average)
     finally:
         if metrics:
             metrics.close()

@@ -26,7 +26,8 @@ def test_student_and_task_are_case_insensitive():
     ["--alpha", "1.5"], ["--alpha", "-0.1"], ["--temperature", "0"], ["--lr", "-1"], ["--lr", "abc"],
     ["--batch_size", "0"], ["--num_epochs", "0"], ["--scheduler_step", "0"], ["--scheduler_gamma", "0"],
     ["--scheduler_gamma", "1.5"], ["--task", "C"], ["--student_model", "VGG"], ["--weight_decay", "-1"],
-    ["--stride_reduction", "4"], ["--stride_reduction", "-1"], ["--mixup", "-0.2"],
+    ["--stride_reduction", "4"], ["--stride_reduction", "-1"], ["--mixup", "-0.2"], ["--ema_decay", "1"],
+    ["--ema_decay", "-0.5"],
 ])
 def test_bad_values_exit_2_with_one_line(flags, capsys):
     with pytest.raises(SystemExit) as exit_info:

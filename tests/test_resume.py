@@ -4,10 +4,11 @@ import signal
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 import train
-from kd.checkpoint import load_torch_checkpoint
+from kd.checkpoint import load_torch_checkpoint, load_weights
 from kd.errors import UserError
 from kd.training import TrainSettings, train_student
 from tests.conftest import killed_after_first_checkpoint, run_in_process, script_command, signal_each, write_task
@@ -97,3 +98,35 @@ def test_ctrl_c_and_sigterm_keep_the_last_epoch_and_say_how_to_resume(tmp_path, 
     assert late_code == 130 and "Traceback" not in late_out and late_out.strip().endswith("interrupted")
     assert f"python train.py --resume {run_dir}" in late_out
     assert load_torch_checkpoint(run_dir / "checkpoint_last.pt")["epoch"] >= 1
+
+
+def test_a_moving_average_of_the_weights_is_validated_kept_and_resumed_without_changing_training(tmp_path,
+                                                                                               tiny_students, capsys):
+    config = write_task(tmp_path)
+    base = ["--config", str(config), "--alpha", "0", "--student_model", "MobileNetV3", "--batch_size", "128",
+            "--lr", "0.01", "--device", "cpu"]
+    plain = run_in_process(base + ["--num_epochs", "2", "--output_dir", str(tmp_path / "plain")], capsys)
+    averaged = run_in_process(base + ["--num_epochs", "2", "--ema_decay", "0.99", "--output_dir",
+                                      str(tmp_path / "averaged")], capsys)
+    plain_rows, averaged_rows = (list(csv.DictReader((run / "metrics.csv").open())) for run in (plain, averaged))
+    # the same training (the average only reads the weights), another network validated
+    assert [r["train_loss"] for r in plain_rows] == [r["train_loss"] for r in averaged_rows]
+    assert [r["val_loss"] for r in plain_rows] != [r["val_loss"] for r in averaged_rows]
+    last = load_torch_checkpoint(averaged / "checkpoint_last.pt")
+    raw = load_torch_checkpoint(plain / "checkpoint_last.pt")["model"]
+    assert all(torch.equal(last["model"][k], raw[k]) for k in raw)
+    kept = load_weights(averaged / "student.safetensors")[0]
+    best = load_torch_checkpoint(averaged / "checkpoint_best.pt")
+    assert all(torch.equal(kept[k], best["model"][k]) for k in kept)
+    assert any(not torch.equal(kept[k], raw[k]) for k in kept if kept[k].is_floating_point())
+
+    first = run_in_process(base + ["--num_epochs", "1", "--ema_decay", "0.99", "--output_dir",
+                                   str(tmp_path / "resumed")], capsys)
+    after_one = load_torch_checkpoint(first / "checkpoint_last.pt")
+    assert after_one["average"]["steps"] > 0 and last["average"]["steps"] == 2 * after_one["average"]["steps"]
+    one_epoch_kept = load_weights(first / "student.safetensors")[0]  # its only epoch is its best: the average
+    assert all(torch.equal(one_epoch_kept[k], after_one["average"]["model"][k]) for k in one_epoch_kept)
+    resumed = run_in_process(base + ["--num_epochs", "2", "--resume", str(first)], capsys)
+    assert_same_run(averaged, resumed)
+    assert load_weights(resumed / "student.safetensors")[0].keys() == kept.keys()
+    assert all(torch.equal(load_weights(resumed / "student.safetensors")[0][k], kept[k]) for k in kept)

@@ -14,8 +14,8 @@ from kd.checkpoint import load_torch_checkpoint, load_weights
 from kd.config import load_task_config
 from kd.batches import Batch
 from kd.data import Batches, Split, load_task_data
-from kd.engine import (Mixup, Precision, evaluate, fit, online_teachers, select_device, select_precision,
-                       train_one_epoch)
+from kd.engine import (Mixup, Precision, WeightAverage, evaluate, fit, online_teachers, select_device,
+                       select_precision, train_one_epoch)
 from kd.errors import UserError
 from kd.distillers.kd import KD
 from kd.models import create_model
@@ -187,7 +187,7 @@ def test_train_script_end_to_end(tmp_path, tiny_teachers):
     result = subprocess.run(
         [sys.executable, "train.py", "--config", str(config), "--num_epochs", "1", "--teacher_epochs", "1",
          "--student_model", "mobilenetv3", "--batch_size", "128", "--alpha", "0.6", "--output_dir",
-         str(tmp_path / "runs"), "--device", "cpu"],
+         str(tmp_path / "runs"), "--cache_dir", str(tmp_path / "cache"), "--device", "cpu"],
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     run_dir = Path(result.stdout.strip().splitlines()[-1])
@@ -321,3 +321,21 @@ def test_teacher_weights_of_the_wrong_length_stop_before_any_training(tmp_path):
     with pytest.raises(UserError, match="--teacher_weights needs 2 non-negative values"):
         train_student(settings)
     assert not (tmp_path / "runs").exists() and not (tmp_path / "teachers").exists()
+
+
+def test_the_weights_average_starts_at_the_model_and_ramps_its_decay_up_to_the_given_one():
+    model = torch.nn.Linear(2, 1)
+    average = WeightAverage(model, decay=0.5)
+    expected = model.weight.detach().clone()
+    for step in range(1, 6):
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        average.update()
+        # step 1 copies the model; then 1 - (1 + (step - 1)) ** -0.75, at most 0.5: 0.41, 0.5, 0.5, 0.5
+        decay = 0.0 if step == 1 else min(0.5, 1 - step ** -WeightAverage.WARMUP_POWER)
+        expected = decay * expected + (1 - decay) * model.weight.detach()
+        torch.testing.assert_close(average.model.weight, expected)
+    assert average.steps == 5 and average.model.weight is not model.weight
+    restored = WeightAverage(torch.nn.Linear(2, 1), decay=0.5)
+    restored.load_state_dict(average.state_dict(), "test")
+    assert restored.steps == 5 and torch.equal(restored.model.weight, average.model.weight)
