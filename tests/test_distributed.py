@@ -14,7 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from kd.data import Batches, Split
 from kd.distributed import init_world, main_process_first, reduce_sum, shutdown
-from kd.engine import Precision, train_one_epoch
+from kd.engine import Precision, WeightAverage, train_one_epoch
 from kd.errors import UserError
 from kd.distillers.kd import KD
 from tests.conftest import script_command, write_task
@@ -83,6 +83,31 @@ def test_two_processes_take_the_same_steps_as_one_process_on_the_global_batch(tm
     for key in one:
         assert not torch.allclose(one[key], initial[key])  # it trained
         torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-6)
+
+
+def average_after_a_step_on_its_shard(rank: int, port: int, out: str) -> None:
+    """Process `rank` of 2: a BatchNorm model's weight average after one training forward on a shard of
+    its own; it saves the average's buffers as validation would see them."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    init_world(torch.device("cpu"))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))
+    average = WeightAverage(model, decay=0.5)
+    model(torch.full((4, 1, 5, 5), float(rank + 1)) + torch.rand(4, 1, 5, 5))  # statistics of its own shard
+    average.update()
+    torch.save({"own": [b.clone() for b in average.model.buffers()],
+                "validated": [b.clone() for b in average.synchronised().buffers()]}, Path(out, f"rank{rank}.pt"))
+    shutdown()
+
+
+def test_every_process_validates_the_weight_average_with_rank_0s_batchnorm_statistics(tmp_path):
+    start_processes(average_after_a_step_on_its_shard, (free_port(), str(tmp_path)))
+    zero, one = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    assert not torch.equal(zero["own"][0], one["own"][0])  # each process's running mean follows its shard
+    for a, b, mine in zip(zero["validated"], one["validated"], zero["own"]):
+        assert torch.equal(a, b) and torch.equal(a, mine)
 
 
 def fail_on_rank_0(rank: int, port: int, where: str, out: str) -> None:
