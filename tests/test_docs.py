@@ -113,3 +113,16 @@ def test_a_study_folder_is_one_experiment_per_budget_and_teachers_with_the_label
     first = {(r["arm"], r["seed"]): r["test_acc"] for r in groups[0][2]}
     assert first[("uniform", 1)] == 0.95
     assert results.budget_flags({**groups[0][0], "num_epochs": 20}) == "--alpha 0.6 --num_epochs 20 --temperature 8"
+
+
+def test_a_technique_is_held_against_the_same_arm_and_seed_without_it_and_judged_on_validation():
+    def scored(arm, seed, val, test, **budget):
+        return {**row(arm, seed, test, **budget), "val_acc": val}
+
+    reference = [scored("alpha0", s, v, t) for s, v, t in ((1, 0.90, 0.89), (2, 0.91, 0.90), (3, 0.92, 0.91))]
+    technique = [scored("alpha0", s, v, t, ema_decay=0.999) for s, v, t in ((1, 0.91, 0.90), (2, 0.91, 0.92),
+                                                                             (3, 0.93, 0.92))]
+    # val differences +1 0 +1, test +1 +2 +1 points: sd sqrt(1/3), a half-width of 4.303 / 3
+    assert results.technique_rows(technique, reference) == [
+        "| `--ema_decay 0.999` | MobileNetV3 | alpha0 | 3 | 91.67 | +0.67 [-0.77, +2.10] | 91.33 | "
+        "+1.33 [-0.10, +2.77] | within noise |"]

@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from kd.experiments.study import (ARMS, BASELINE, ArmStats, budget_of, confidence_interval, or_dash, read_rows,
-                                  same_budget, summarize)
+                                  same_budget, summarize, verdict)
 from kd.settings import TrainSettings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,6 +30,11 @@ TABLE_END = "<!-- end of the results table -->"
 METHODS_START = "<!-- methods table: made by python -m kd.experiments.results from evaluation/; do not edit -->"
 METHODS_END = "<!-- end of the methods table -->"
 METHODS_STUDY = "TaskB_methods"  # the study of the README's methods table: every distillation method on task B
+TECHNIQUES_START = "<!-- techniques table: made by python -m kd.experiments.results from evaluation/; do not edit -->"
+TECHNIQUES_END = "<!-- end of the techniques table -->"
+# Short-budget techniques on task B: each study is METHODS_STUDY's budget with one setting changed, its
+# runs paired by seed with METHODS_STUDY's of the same arm (the same start, data order and teachers)
+TECHNIQUE_STUDIES = ("TaskB_4ep_ema", "TaskB_4ep_ls01")
 # The studies the README's table shows (the page shows every study): the quick start's recipe, train.py's
 # defaults as a new user runs them, and task B's longest study.
 HEADLINES = ("TaskA_40ep_halved2_a09_T8_mixup", "TaskA_20ep_default_cache", "TaskB_4ep")
@@ -292,11 +297,55 @@ def methods_table(studies: list[Study]) -> list[str]:
             *study_table(study)]
 
 
+def technique_rows(technique: list[dict], reference: list[dict]) -> list[str]:
+    """One line per arm of a technique study: what its flags add to the reference's budget, and its
+    validation and test accuracy against the reference's runs of the same arm and seed (mean [95% CI]
+    points); the verdict is validation's, where choices are made."""
+    def key(row):
+        return row["student"], row["arm"], row["seed"], row["teachers"]
+
+    before = {key(r): r for r in reversed(reference)}  # the first of duplicates
+    def flags(rows):
+        return re.findall(r"--\S+ \S+", budget_flags(full_budget(rows[0]["budget"])))
+
+    added = " ".join(flag for flag in flags(technique) if flag not in flags(reference))
+    lines = []
+    for student, arm in dict.fromkeys((r["student"], r["arm"]) for r in technique):
+        pairs = [(r, before[key(r)]) for r in technique
+                 if (r["student"], r["arm"]) == (student, arm) and key(r) in before]
+        cells = []
+        for metric in ("val_acc", "test_acc"):
+            differences = [100 * (mine[metric] - theirs[metric]) for mine, theirs in pairs]
+            interval = confidence_interval(differences)
+            mean = statistics.fmean(100 * mine[metric] for mine, _ in pairs)
+            paired = "-" if interval is None else (f"{statistics.fmean(differences):+.2f} "
+                                                   f"[{interval[0]:+.2f}, {interval[1]:+.2f}]")
+            cells += [f"{mean:.2f}", paired]
+        judged = verdict([100 * (mine["val_acc"] - theirs["val_acc"]) for mine, theirs in pairs])
+        lines.append(f"| `{added}` | {student} | {arm} | {len(pairs)} | {' | '.join(cells)} | {judged} |")
+    return lines
+
+
+def techniques_table(evaluation: Path) -> list[str]:
+    """The README's table of short-budget techniques on task B (TECHNIQUE_STUDIES against METHODS_STUDY)."""
+    reference = read_rows(evaluation / "study" / METHODS_STUDY / "runs.csv")
+    lines = [f"Each against the same seeds' runs without it (study {METHODS_STUDY}, the methods table's budget):", "",
+             "| flags added | student | arm | seeds | val acc % | vs without, val: mean [95% CI] pts | test acc % | "
+             "vs without, test: mean [95% CI] pts | verdict (on validation) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name in TECHNIQUE_STUDIES:
+        rows = read_rows(evaluation / "study" / name / "runs.csv")
+        if rows:
+            lines += technique_rows(rows, reference)
+    return lines
+
+
 def expected_files(root: Path = ROOT) -> dict[Path, str]:
     evaluation = root / "evaluation"
     studies = read_studies(evaluation)
     readme = with_table((root / README).read_text(), readme_table(studies))
     readme = with_table(readme, methods_table(studies), (METHODS_START, METHODS_END))
+    readme = with_table(readme, techniques_table(evaluation), (TECHNIQUES_START, TECHNIQUES_END))
     return {root / PAGE: results_page(evaluation, studies), root / README: readme}
 
 
