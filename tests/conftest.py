@@ -33,6 +33,19 @@ def _small_threads():
     torch.set_num_threads(2)
 
 
+def _outputs() -> set[Path]:
+    return {path for folder in ("cache", "runs", "teachers") for path in (ROOT / folder).rglob("*")}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _checkout_left_alone():
+    """Tests write into their temporary folders only: a run with a default --cache_dir or --output_dir
+    would fill the checkout's own (and replay from it in a later session)."""
+    before = _outputs()
+    yield
+    assert _outputs() <= before, f"tests wrote into the checkout: {sorted(map(str, _outputs() - before))}"
+
+
 def tiny_task_raw(checkpoint_dir: Path, classes=("a", "b", "c"), size=8) -> dict:
     """A task config mapping with two tiny teachers of different families (timm's test models: a few
     thousand parameters, so the run machinery, not arithmetic, is what the tests spend their time on)."""

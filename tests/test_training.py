@@ -119,7 +119,8 @@ def trained_run(tmp_path, tiny_teachers):
 def test_hooks_observe_each_epoch_skip_the_test_split_and_quieten_only_the_console(tmp_path, tiny_teachers,
                                                                                    tiny_students, capsys):
     settings = TrainSettings(task=str(write_task(tmp_path, tiny_teachers)), num_epochs=2, batch_size=64, alpha=0.5,
-                             student_model="MobileNetV3", device="cpu", output_dir=str(tmp_path / "runs"))
+                             student_model="MobileNetV3", device="cpu", output_dir=str(tmp_path / "runs"),
+                             cache_dir=str(tmp_path / "cache"))
     rows = []
     run_dir = train_student(settings, hooks=RunHooks(on_epoch=rows.append, score_test=False, quiet=True))
     assert [row["epoch"] for row in rows] == [1, 2]
