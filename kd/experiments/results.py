@@ -144,11 +144,16 @@ def versus_reference(arm: ArmStats, arms: list[ArmStats]) -> str:
     if reference is None:
         return "-"
     differences = [arm.accuracies[s] - reference.accuracies[s] for s in arm.accuracies if s in reference.accuracies]
+    text = interval_text(differences)
+    return text if text == "-" else f"{text} vs {reference.arm}"
+
+
+def interval_text(differences: list[float]) -> str:
+    """Paired differences as 'mean [95% CI]' in points; '-' below two pairs."""
     interval = confidence_interval(differences)
     if interval is None:
         return "-"
-    mean = statistics.fmean(differences)
-    return f"{or_dash(mean, '+.2f')} [{or_dash(interval[0], '+.2f')}, {or_dash(interval[1], '+.2f')}] vs {reference.arm}"
+    return f"{statistics.fmean(differences):+.2f} [{interval[0]:+.2f}, {interval[1]:+.2f}]"
 
 
 def accuracy_text(arm: ArmStats) -> str:
@@ -305,24 +310,22 @@ def technique_rows(technique: list[dict], reference: list[dict]) -> list[str]:
         return row["student"], row["arm"], row["seed"], row["teachers"]
 
     before = {key(r): r for r in reversed(reference)}  # the first of duplicates
+
     def flags(rows):
         return re.findall(r"--\S+ \S+", budget_flags(full_budget(rows[0]["budget"])))
 
-    added = " ".join(flag for flag in flags(technique) if flag not in flags(reference))
+    reference_flags = flags(reference)
+    added = " ".join(flag for flag in flags(technique) if flag not in reference_flags)
     lines = []
     for student, arm in dict.fromkeys((r["student"], r["arm"]) for r in technique):
         pairs = [(r, before[key(r)]) for r in technique
                  if (r["student"], r["arm"]) == (student, arm) and key(r) in before]
-        cells = []
-        for metric in ("val_acc", "test_acc"):
-            differences = [100 * (mine[metric] - theirs[metric]) for mine, theirs in pairs]
-            interval = confidence_interval(differences)
-            mean = statistics.fmean(100 * mine[metric] for mine, _ in pairs)
-            paired = "-" if interval is None else (f"{statistics.fmean(differences):+.2f} "
-                                                   f"[{interval[0]:+.2f}, {interval[1]:+.2f}]")
-            cells += [f"{mean:.2f}", paired]
-        judged = verdict([100 * (mine["val_acc"] - theirs["val_acc"]) for mine, theirs in pairs])
-        lines.append(f"| `{added}` | {student} | {arm} | {len(pairs)} | {' | '.join(cells)} | {judged} |")
+        differences = {metric: [100 * (mine[metric] - theirs[metric]) for mine, theirs in pairs]
+                       for metric in ("val_acc", "test_acc")}
+        cells = [cell for metric, diffs in differences.items()
+                 for cell in (f"{statistics.fmean(100 * mine[metric] for mine, _ in pairs):.2f}", interval_text(diffs))]
+        lines.append(f"| `{added}` | {student} | {arm} | {len(pairs)} | {' | '.join(cells)} | "
+                     f"{verdict(differences['val_acc'])} |")
     return lines
 
 
