@@ -8,6 +8,7 @@ from kd.cli import ArgumentParser, add_training_arguments, given_options, parse_
 from kd.config import load_task_config
 from kd.errors import run_cli
 from kd.settings import TrainSettings, settings_problem
+from kd.students import check_test_time_flip
 
 DEFAULTS = TrainSettings()
 
@@ -45,7 +46,8 @@ def main(argv: list[str]) -> None:
     if problem := settings_problem(settings):
         parser.error(problem)
     if not settings.resume:  # a resumed run reads its task from its record, not from the file as it is now
-        load_task_config(settings.task)  # a bad task file is one line at once, not after torch has loaded
+        task = load_task_config(settings.task)  # a bad task file is one line at once, not after torch has loaded
+        check_test_time_flip(task, settings.test_time_flip)
     from kd.training import train_student, train_teachers
 
     if teachers_only:

@@ -43,12 +43,15 @@ class ModelBuild:
     stride_reduction: int  # halved first downsampling layers (see `create_model`)
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    # eval mode averages each image's prediction with its mirror image's (kd.models.Normalized); records
+    # written before this setting existed have none, and their networks judged images alone
+    test_time_flip: bool = False
 
     def create(self, pretrained: bool | Path = False) -> "Normalized":
         from kd.models import create_model  # torch and timm load when a network is built, not with a record
 
         return create_model(self.arch, self.num_classes, self.channels, self.mean, self.std, pretrained=pretrained,
-                            stride_reduction=self.stride_reduction)
+                            stride_reduction=self.stride_reduction, flip_average=self.test_time_flip)
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "mean": list(self.mean), "std": list(self.std)}

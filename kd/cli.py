@@ -186,6 +186,10 @@ def add_training_arguments(p: argparse.ArgumentParser, names: Collection[str] | 
         help="validate, keep and test a moving average of the student's weights, updated after every step; "
              "its decay ramps up as 1 - (1 + step)^-0.75 (0.99 after 460 steps, 0.999 after 10,000) and stops "
              "at D; 0: off")
+    add("--test_time_flip", action="store_true",
+        help="the student judges each image together with its mirror image (the mean of the two predictions) in "
+             "validation, test, predict and the exported files: twice the inference cost; only for tasks that "
+             "train with flips")
 
 
 def add_output_dir(p: argparse.ArgumentParser, help: str) -> None:

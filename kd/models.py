@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,34 +20,48 @@ class Normalized(nn.Module):
 
     Keeping mean/std as buffers puts them in every checkpoint, so each model (a teacher trained
     with other statistics, an exported student) always sees inputs normalised its own way.
+
+    With `flip_average`, the network in eval mode judges each image together with its mirror image: it
+    returns log((softmax(f(x)) + softmax(f(flipped x))) / 2), logits whose softmax is the mean of the two
+    predictions, so accuracy, calibration and an exported file all see the averaged prediction. In
+    training mode it is the plain network, so the loss and its gradients are untouched. It adds no weight:
+    the same weights file loads with or without it.
     """
 
-    def __init__(self, backbone: nn.Module, mean: Sequence[float], std: Sequence[float]):
+    def __init__(self, backbone: nn.Module, mean: Sequence[float], std: Sequence[float],
+                 flip_average: bool = False):
         super().__init__()
         self.backbone = backbone
+        self.flip_average = flip_average
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.flip_average and not self.training:
+            # one batch of both views: one pass through the network instead of two half-size ones
+            logits = self.backbone((torch.cat([x, x.flip(-1)]) - self.mean) / self.std)
+            # unflatten, not chunk: chunk would fix the exported graph's batch size
+            return torch.logsumexp(logits.log_softmax(1).unflatten(0, (2, -1)), dim=0) - math.log(2)
         return self.backbone((x - self.mean) / self.std)
 
 
 def create_model(arch: str, num_classes: int, in_chans: int, mean: Sequence[float], std: Sequence[float], *,
-                 pretrained: bool | Path = False, stride_reduction: int = 1) -> Normalized:
+                 pretrained: bool | Path = False, stride_reduction: int = 1, flip_average: bool = False
+                 ) -> Normalized:
     """Build a timm architecture inside a Normalized wrapper.
 
     Its weights are random, timm's published ones (`pretrained=True`, downloaded) or those of a local
     weights file (`pretrained=path`); the classifier is new whenever num_classes differs from theirs,
     and a new classifier starts at zero (see `zero_classifier`). `stride_reduction` halves that many
     of the first downsampling layers (each halving doubles every later feature map); 0 keeps timm's
-    architecture exactly, for weights trained elsewhere.
+    architecture exactly, for weights trained elsewhere. `flip_average`: see `Normalized`.
     """
     backbone = create_backbone(arch, num_classes, in_chans, pretrained)
     if not pretrained or getattr(backbone, "pretrained_cfg", {}).get("num_classes") != num_classes:
         zero_classifier(backbone)
     for _ in range(stride_reduction):
         halve_first_downsampling(backbone)
-    return Normalized(backbone, mean, std)
+    return Normalized(backbone, mean, std, flip_average)
 
 
 def zero_classifier(model: nn.Module) -> None:

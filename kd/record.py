@@ -124,7 +124,8 @@ class RunRecord:
         if (recorded := self.recorded_model) is not None:
             return recorded
         name = canonical_student_name(self.settings.student_model)
-        return student_build(name, with_stride_reduction(self.task, name, self.settings.stride_reduction))
+        return student_build(name, with_stride_reduction(self.task, name, self.settings.stride_reduction),
+                             self.settings.test_time_flip)
 
     @property
     def teacher_hashes(self) -> dict[str, str]:

@@ -81,6 +81,7 @@ class TrainSettings:
     stride_reduction: int | None = None  # the student's first downsampling layers halved; None: the task config's
     mixup: float = 0.0  # Beta(a, a) concentration of mixup on every training batch; 0: off
     ema_decay: float = 0.0  # the largest decay of the weights' moving average (kd.engine.WeightAverage); 0: off
+    test_time_flip: bool = False  # the student judges each image with its mirror image (kd.models.Normalized)
     dist_timeout: float = 30.0  # torchrun: minutes a process waits at a collective before it fails
     kd_loss: str = "kd"  # the distillation method, a name of kd.distillers.METHODS
     kd_params: tuple[str, ...] = ()  # the method's own parameters, NAME=VALUE; the others at their defaults

@@ -92,7 +92,7 @@ def train_student(settings: TrainSettings, given: Collection[str] | None = None,
         if record is None:
             task = with_stride_reduction(task, student_name, settings.stride_reduction)
             check_output_dir(settings.output_dir)
-        model = record.model if record else student_build(student_name, task)
+        model = record.model if record else student_build(student_name, task, settings.test_time_flip)
         # a resumed run's weights come from its checkpoint; a new one's start weights are checked before any training
         trainee = Trainee("student", f"student {student_name}", model, _student_metadata(task, model, settings),
                           pretrained=False if record else _pretrained_path(settings.pretrained))

@@ -64,6 +64,22 @@ def test_normalisation_lives_in_the_model():
     assert torch.equal(model.state_dict()["std"].flatten(), torch.tensor([0.5]))
 
 
+def test_a_flip_averaging_network_judges_an_image_and_its_mirror_alike_and_trains_as_the_plain_one():
+    torch.manual_seed(0)
+    plain = create_model("test_resnet", 3, 1, [0.5], [0.25])
+    torch.nn.init.normal_(plain.backbone.get_classifier().weight)  # a zero head would predict uniformly
+    averaged = create_model("test_resnet", 3, 1, [0.5], [0.25], flip_average=True)
+    averaged.load_state_dict(plain.state_dict())  # no weight of its own: the same file loads into either
+    x = torch.rand(4, 1, 16, 16)
+    assert torch.equal(averaged.train()(x), plain.train()(x))  # the loss and its gradients are the plain network's
+    plain.eval(), averaged.eval()
+    with torch.no_grad():
+        mean_probabilities = (plain(x).softmax(1) + plain(x.flip(-1)).softmax(1)) / 2
+        assert torch.allclose(averaged(x).softmax(1), mean_probabilities, atol=1e-6)
+        assert torch.allclose(averaged(x), averaged(x.flip(-1)), atol=1e-5)
+        assert not torch.allclose(plain(x), plain(x.flip(-1)), atol=1e-3)
+
+
 def test_student_names_are_case_insensitive():
     assert canonical_student_name("mobilenetv3") == "MobileNetV3"
     assert canonical_student_name("RESNET18") == "ResNet18"

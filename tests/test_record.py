@@ -5,6 +5,7 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -13,7 +14,9 @@ import train
 from kd.checkpoint import load_weights, save_weights
 from kd.config import load_task_config
 from kd.errors import UserError
+from kd.builds import ModelBuild
 from kd.evaluation import evaluate_task
+from kd.export import export_student
 from kd.models import create_model
 from kd.record import RunRecord, find_runs, newest_run, open_run_student, read_record, resume_target, write_record
 from kd.speed import SpeedSettings
@@ -94,6 +97,38 @@ def test_the_stride_flag_is_recorded_and_weights_built_otherwise_than_their_run_
     plain = run_in_process(train_args(config, tmp_path / "runs", "--stride_reduction", "0", "--alpha", "0"), capsys)
     with pytest.raises(UserError, match=r"built otherwise .*stride_reduction 0 \(the run's: 2\)"):
         open_run_student(halved, plain / "student.safetensors")
+
+
+def test_the_test_time_flip_is_recorded_and_lives_in_the_exported_student(tmp_path, capsys):
+    config = write_task(tmp_path)
+    edit_yaml(config, lambda raw: raw["augment"].update(hflip=True))
+    run_dir = run_in_process(train_args(config, tmp_path / "runs", "--alpha", "0", "--test_time_flip"), capsys)
+    assert read_record(run_dir).model.test_time_flip
+    assert load_weights(run_dir / "student.safetensors")[1]["build"]["test_time_flip"]
+    student = open_run_student(run_dir)[0]
+    images = torch.rand(6, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(student(images), student(images.flip(-1)), atol=1e-5)
+    import onnxruntime as ort
+
+    exported = export_student(run_dir)
+    assert max(exported.max_abs_diff.values()) <= exported.tolerance  # the exported files average as PyTorch does
+    session = ort.InferenceSession(str(run_dir / "export" / "student.onnx"), providers=["CPUExecutionProvider"])
+    logits, mirrored = (session.run(None, {"images": x.numpy()})[0] for x in (images, images.flip(-1)))
+    assert np.allclose(logits, mirrored, atol=1e-5) and np.allclose(logits, student(images).detach(), atol=1e-4)
+
+
+def test_a_record_written_before_the_test_time_flip_existed_judges_images_alone():
+    build = student_build("MobileNetV3", load_task_config("B"))
+    old = {key: value for key, value in build.to_dict().items() if key != "test_time_flip"}
+    assert ModelBuild.from_dict(old, "old record") == build and not build.test_time_flip
+
+
+def test_the_test_time_flip_is_refused_in_one_line_for_a_task_that_trains_without_flips(tmp_path, no_training):
+    config = write_task(tmp_path)  # digits: augment.hflip false
+    stops_at_once(["--config", str(config), "--device", "cpu", "--output_dir", str(tmp_path / "runs"),
+                   "--test_time_flip"], "--test_time_flip averages .* but task T trains without flips")
+    assert not (tmp_path / "runs").exists()
 
 
 def fake_run(root: Path, name: str, created: str) -> Path:

@@ -44,6 +44,7 @@ from kd.report import write_json
 from kd.record import run_name
 from kd.teachers import load_teacher, teacher_accuracies
 from kd.settings import STUDENT_ARCHS, TrainSettings, canonical_student_name
+from kd.students import check_test_time_flip
 from kd.training import load_data, train_student
 
 
@@ -186,6 +187,7 @@ def run_study(plan: StudyPlan) -> str:
     plan = check_plan(plan)
     task = load_task_config(plan.task)
     base = base_settings(plan)
+    check_test_time_flip(task, base.test_time_flip)
     out = study_folder(plan, task)
     table = out / "runs.csv"
     planned = planned_runs(plan)

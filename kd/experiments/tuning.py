@@ -45,6 +45,7 @@ from kd.errors import UserError
 from kd.record import open_run_student, read_record
 from kd.record import run_name
 from kd.settings import WEIGHTING_SCHEMES, TrainSettings, canonical_student_name
+from kd.students import check_test_time_flip
 from kd.experiments.study import or_dash, run_metadata, sample_sd, verdict
 from kd.experiments.tune_plan import TunePlan
 from kd.training import RunHooks, load_data, prepare_teachers, train_student
@@ -200,6 +201,7 @@ def describe_space(space: dict) -> dict:
 def run_tuning(plan: TunePlan) -> str:
     """Run the trials the study lacks, then write its results; returns the summary (markdown)."""
     task = load_task_config(plan.settings.task)
+    check_test_time_flip(task, plan.settings.test_time_flip)
     student = canonical_student_name(plan.settings.student_model)
     settings = dataclasses.replace(plan.settings, student_model=student, resume=None, run="")
     plan = dataclasses.replace(plan, settings=settings)
