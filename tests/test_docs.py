@@ -113,6 +113,8 @@ def test_a_study_folder_is_one_experiment_per_budget_and_teachers_with_the_label
     first = {(r["arm"], r["seed"]): r["test_acc"] for r in groups[0][2]}
     assert first[("uniform", 1)] == 0.95
     assert results.budget_flags({**groups[0][0], "num_epochs": 20}) == "--alpha 0.6 --num_epochs 20 --temperature 8"
+    assert results.budget_flags({**groups[0][0], "test_time_flip": True}) == (
+        "--alpha 0.6 --num_epochs 20 --temperature 8 --test_time_flip")
 
 
 def test_a_technique_is_held_against_the_same_arm_and_seed_without_it_and_judged_on_validation():
@@ -126,3 +128,5 @@ def test_a_technique_is_held_against_the_same_arm_and_seed_without_it_and_judged
     assert results.technique_rows(technique, reference) == [
         "| `--ema_decay 0.999` | MobileNetV3 | alpha0 | 3 | 91.67 | +0.67 [-0.77, +2.10] | 91.33 | "
         "+1.33 [-0.10, +2.77] | within noise |"]
+    flipped = [{**r, "budget": {**r["budget"], "test_time_flip": True}} for r in technique]  # a switch: its name
+    assert results.technique_rows(flipped, reference)[0].startswith("| `--ema_decay 0.999 --test_time_flip` |")

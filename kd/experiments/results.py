@@ -34,7 +34,7 @@ TECHNIQUES_START = "<!-- techniques table: made by python -m kd.experiments.resu
 TECHNIQUES_END = "<!-- end of the techniques table -->"
 # Short-budget techniques on task B: each study is METHODS_STUDY's budget with one setting changed, its
 # runs paired by seed with METHODS_STUDY's of the same arm (the same start, data order and teachers)
-TECHNIQUE_STUDIES = ("TaskB_4ep_ema", "TaskB_4ep_ls01")
+TECHNIQUE_STUDIES = ("TaskB_4ep_ema", "TaskB_4ep_ls01", "TaskB_4ep_flip")
 # The studies the README's table shows (the page shows every study): the quick start's recipe, train.py's
 # defaults as a new user runs them, and task B's longest study.
 HEADLINES = ("TaskA_40ep_halved2_a09_T8_mixup", "TaskA_20ep_default_cache", "TaskB_4ep")
@@ -70,7 +70,14 @@ def budget_flags(budget: dict) -> str:
     """The flags that set `budget` where it differs from train.py's defaults."""
     defaults = {**budget_of(TrainSettings()), "alpha": TrainSettings().alpha}  # as JSON values, like the rows'
     changed = {k: v for k, v in sorted(budget.items()) if k not in NOT_RECIPE and k in defaults and v != defaults[k]}
-    return " ".join(f"--{k} {v:g}" if isinstance(v, float) else f"--{k} {v}" for k, v in changed.items())
+    return " ".join(flag_text(k, v) for k, v in changed.items())
+
+
+def flag_text(name: str, value) -> str:
+    """A setting as train.py takes it: a switch that is on by its name alone."""
+    if value is True:
+        return f"--{name}"
+    return f"--{name} {value:g}" if isinstance(value, float) else f"--{name} {value}"
 
 
 def full_budget(budget: dict) -> dict:
@@ -312,7 +319,7 @@ def technique_rows(technique: list[dict], reference: list[dict]) -> list[str]:
     before = {key(r): r for r in reversed(reference)}  # the first of duplicates
 
     def flags(rows):
-        return re.findall(r"--\S+ \S+", budget_flags(full_budget(rows[0]["budget"])))
+        return re.findall(r"--\S+(?: (?!--)\S+)?", budget_flags(full_budget(rows[0]["budget"])))
 
     reference_flags = flags(reference)
     added = " ".join(flag for flag in flags(technique) if flag not in reference_flags)
