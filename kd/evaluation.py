@@ -38,7 +38,7 @@ from kd.teachers import load_teachers
 
 log = logging.getLogger("kd")
 FIGURES = ("sample_predictions.png", "confusion_matrix.png", "training_curves.png", "student_vs_teachers.png")
-RUN_SETTINGS = ("student_model", "temperature", "alpha", "teacher_weighting", "kd_loss", "kd_params")
+RUN_SETTINGS = ("student_model", "temperature", "alpha", "teacher_weighting", "kd_loss", "kd_params", "test_time_flip")
 
 
 def select_run(task: TaskConfig, runs_root, hint: str, run_dir=None, checkpoint=None) -> tuple[RunRecord, Path]:
@@ -206,7 +206,8 @@ def write_outputs(out: Path, results: dict, config: TaskConfig, run_dir: Path, t
 
 def model_points(results: dict) -> list[plots.ModelPoint]:
     student, ensemble = results["student"], results["ensemble"]
-    points = [plots.ModelPoint(f"student {student['name']}", "student", student["params"],
+    mirrored = " (judged with mirror images)" if results["training"].get("test_time_flip") else ""
+    points = [plots.ModelPoint(f"student {student['name']}{mirrored}", "student", student["params"],
                                student["accuracy"], student["latency_ms"])]
     points += [plots.ModelPoint(f"{name} ({t['arch']})", "teacher", t["params"], t["accuracy"], t["latency_ms"])
                for name, t in results["teachers"].items()]

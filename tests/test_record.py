@@ -99,12 +99,18 @@ def test_the_stride_flag_is_recorded_and_weights_built_otherwise_than_their_run_
         open_run_student(halved, plain / "student.safetensors")
 
 
-def test_the_test_time_flip_is_recorded_and_lives_in_the_exported_student(tmp_path, capsys):
-    config = write_task(tmp_path)
+def test_the_test_time_flip_is_recorded_evaluated_and_lives_in_the_exported_student(tmp_path, tiny_teachers,
+                                                                                     capsys):
+    config = write_task(tmp_path, tiny_teachers)
     edit_yaml(config, lambda raw: raw["augment"].update(hflip=True))
     run_dir = run_in_process(train_args(config, tmp_path / "runs", "--alpha", "0", "--test_time_flip"), capsys)
     assert read_record(run_dir).model.test_time_flip
-    assert load_weights(run_dir / "student.safetensors")[1]["build"]["test_time_flip"]
+    meta = load_weights(run_dir / "student.safetensors")[1]
+    assert meta["build"]["test_time_flip"]
+    results = evaluate_task(str(config), runs_root=tmp_path / "runs", output_dir=tmp_path / "eval", device="cpu",
+                            speed=FAST_SPEED)
+    assert results["training"]["test_time_flip"]
+    assert results["student"]["accuracy"] == pytest.approx(meta["test_acc"], abs=1e-6)  # judged as trained
     student = open_run_student(run_dir)[0]
     images = torch.rand(6, 1, 8, 8)
     with torch.no_grad():
