@@ -188,8 +188,8 @@ def add_training_arguments(p: argparse.ArgumentParser, names: Collection[str] | 
              "at D; 0: off")
     add("--test_time_flip", action="store_true",
         help="the student judges each image together with its mirror image (the mean of the two predictions) in "
-             "validation, test, evaluation, predict and the exported files: twice the inference cost; only for tasks that "
-             "train with flips")
+             "validation, test, evaluation, predict and the exported files: twice the inference cost; only for "
+             "tasks that train with flips")
 
 
 def add_output_dir(p: argparse.ArgumentParser, help: str) -> None:
