@@ -47,7 +47,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep_epochs", type=int, default=10)
     p.add_argument("--efficiency", action="store_true",
                    help="only the table of every student's and teacher's training step against the device's "
-                        "matmul peak (images/s, FLOPs per image, % of the fp32 and bf16 peaks)")
+                        "matmul peak (images/s, FLOPs per image, %% of the fp32 and bf16 peaks)")
     return p
 
 

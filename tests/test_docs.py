@@ -63,6 +63,15 @@ def test_the_manual_has_commands_of_every_script():
     assert set(PARSERS) <= scripts and any(s.startswith("benchmarks/") for s in scripts)
 
 
+BENCHMARKS = sorted(f"benchmarks/{path.name}" for path in (ROOT / "benchmarks").glob("*.py"))
+
+
+@pytest.mark.parametrize("script", [*PARSERS, *BENCHMARKS])
+def test_every_scripts_help_can_be_shown(script):
+    """--help formats each help string with %: a bare % in one (say "% of the peak") breaks --help alone."""
+    assert "usage:" in parser_for(script).format_help()
+
+
 @pytest.mark.parametrize("where, line", commands(), ids=lambda value: value[:80])
 def test_every_command_in_the_manual_parses(where, line):
     words = shlex.split(line, comments=True)
