@@ -182,6 +182,9 @@ def add_training_arguments(p: argparse.ArgumentParser, names: Collection[str] | 
     add("--mixup", type=bounded_float(0.0), default=DEFAULTS.mixup, metavar="A",
                    help="blend each training batch with a shuffled copy by lam ~ Beta(A, A), labels too; the "
                         "teachers run online on the blended images (function matching). 0: off; 0.2-1 usual")
+    add("--warmup_epochs", type=bounded_float(0.0), default=DEFAULTS.warmup_epochs, metavar="E",
+        help="raise the learning rate linearly from --lr / steps to the schedule's rate over the first E epochs "
+             "(fractions allowed), step by step; with --lr_schedule cosine, a one-cycle schedule. 0: none")
     add("--ema_decay", type=decay_rate, default=DEFAULTS.ema_decay, metavar="D",
         help="validate, keep and test a moving average of the student's weights, updated after every step; "
              "its decay ramps up as 1 - (1 + step)^-0.75 (0.99 after 460 steps, 0.999 after 10,000) and stops "

@@ -166,14 +166,29 @@ class Mixup:
         return batch._replace(x=x, y=batch.y if lam >= 0.5 else batch.y[order]), soft
 
 
+@dataclass(frozen=True)
+class Warmup:
+    """A linear rise of the learning rate over a run's first `steps` optimiser steps: step s (from 0) runs
+    at (s + 1) / steps of the rate the epoch's schedule sets, so no step runs at zero. With a cosine
+    schedule it makes the one-cycle shape of fast-training recipes. It depends on the step's index alone,
+    so a resumed run (which starts at an epoch's boundary) rises as the uninterrupted one would."""
+
+    steps: int
+
+    def factor(self, step: int) -> float:
+        return min(1.0, (step + 1) / self.steps)
+
+
 def train_one_epoch(model: nn.Module, batches: Iterable[Batch], optimizer: torch.optim.Optimizer,
                     criterion: Distiller, precision: Precision, teachers: TeacherLogits | None = None,
                     desc: str = "train", progress: bool = True, mixup: Mixup | None = None,
-                    average: WeightAverage | None = None) -> dict[str, float]:
+                    average: WeightAverage | None = None, warmup: Warmup | None = None,
+                    first_step: int = 0) -> dict[str, float]:
     """One pass over `batches`; returns sample-mean loss, ce, kd, accuracy and teacher weights over the
     steps whose loss was finite, and how many steps were not (`skipped`). With `mixup`, every batch is
     blended first (teachers included) and accuracy counts the larger part's label; `average` is updated
-    after every step.
+    after every step; `warmup` scales the rate of the run's steps `first_step` on (this epoch's first) and
+    leaves the scheduled rate in place at the end.
 
     A non-finite step is left out of the means rather than poisoning them: under fp16 the GradScaler
     skips such a step's update and lowers its scale, which is how mixed precision is meant to recover.
@@ -182,7 +197,10 @@ def train_one_epoch(model: nn.Module, batches: Iterable[Batch], optimizer: torch
     use_teachers = teachers is not None and criterion.uses_teachers
     sums = torch.zeros(4, device=precision.device)  # loss, ce, kd, correct (sample-weighted, finite steps)
     weight_sum, count = None, torch.zeros(2, device=precision.device)  # images in finite steps, skipped steps
-    for batch in tqdm(batches, desc=desc, leave=False, dynamic_ncols=True, disable=not progress):
+    scheduled = [group["lr"] for group in optimizer.param_groups]
+    for i, batch in enumerate(tqdm(batches, desc=desc, leave=False, dynamic_ncols=True, disable=not progress)):
+        if warmup is not None and first_step + i < warmup.steps:
+            set_rates(optimizer, scheduled, warmup.factor(first_step + i))
         batch, targets = mixup(batch) if mixup else (batch, batch.y)
         x, y = batch.x, batch.y
         with precision.autocast():
@@ -203,12 +221,18 @@ def train_one_epoch(model: nn.Module, batches: Iterable[Batch], optimizer: torch
             weighted = torch.where(n > 0, weights * n, 0.0)
             weight_sum = weighted if weight_sum is None else weight_sum + weighted
         count += torch.stack([n, (n == 0).float()])
+    set_rates(optimizer, scheduled)  # the epoch scheduler (StepLR chains on it) and the checkpoint see its own
     images, skipped = reduce_sum(count).tolist()
     loss, ce, kd, correct = (reduce_sum(sums) / max(images, 1)).tolist()
     result = {"loss": loss if images else math.nan, "ce": ce, "kd": kd, "acc": correct, "skipped": int(skipped)}
     if weight_sum is not None:
         result["teacher_weights"] = (reduce_sum(weight_sum) / max(images, 1)).tolist()
     return result
+
+
+def set_rates(optimizer: torch.optim.Optimizer, rates: Sequence[float], factor: float = 1.0) -> None:
+    for group, rate in zip(optimizer.param_groups, rates):
+        group["lr"] = rate * factor
 
 
 @torch.inference_mode()
@@ -236,10 +260,11 @@ def fit(model: nn.Module, train_batches, val_batches, *, optimizer, scheduler, c
         epochs: int, precision: Precision, teachers: TeacherLogits | None = None,
         teacher_names: Sequence[str] = (), start_epoch: int = 0, on_epoch: EpochCallback | None = None,
         desc: str = "", progress: bool = True, mixup: Mixup | None = None,
-        average: WeightAverage | None = None) -> list[dict]:
+        average: WeightAverage | None = None, warmup: Warmup | None = None) -> list[dict]:
     """Train for epochs [start_epoch, epochs); after each, call on_epoch(row) with its metrics.
     `progress`: show progress bars; `mixup`: blend every training batch (see Mixup); `average`: the
-    weights' moving average, which is what is validated."""
+    weights' moving average, which is what is validated; `warmup`: the rate's rise over the first steps
+    (the row's lr is the epoch's scheduled rate)."""
     history = []
     bar = tqdm(range(start_epoch, epochs), desc=desc or "epochs", dynamic_ncols=True, disable=not progress)
     for epoch in bar:
@@ -249,7 +274,8 @@ def fit(model: nn.Module, train_batches, val_batches, *, optimizer, scheduler, c
             teachers.set_epoch(epoch)
         lr = optimizer.param_groups[0]["lr"]
         train = train_one_epoch(model, train_batches, optimizer, criterion, precision, teachers,
-                                desc=f"epoch {epoch + 1}/{epochs}", progress=progress, mixup=mixup, average=average)
+                                desc=f"epoch {epoch + 1}/{epochs}", progress=progress, mixup=mixup, average=average,
+                                warmup=warmup, first_step=epoch * len(train_batches))
         val = evaluate(average.synchronised() if average else model, val_batches, precision)
         if not (np.isfinite(train["loss"]) and np.isfinite(val["loss"])):  # no finite step, or broken weights
             raise NonFiniteLoss(epoch + 1)

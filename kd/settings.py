@@ -24,11 +24,14 @@ STUDENT_ARCHS = {
 
 def settings_problem(settings: "TrainSettings") -> str | None:
     """What is wrong with the settings together, beyond each flag's own range (None: nothing): teacher
-    weights that the weighting would silently leave unused, a distillation method's unknown or bad
-    parameters."""
+    weights that the weighting would silently leave unused, a warm-up as long as the run, a distillation
+    method's unknown or bad parameters."""
     if settings.teacher_weights is not None and settings.teacher_weighting != "fixed":
         return (f"--teacher_weights is used only by --teacher_weighting fixed (this run weights the teachers by "
                 f"{settings.teacher_weighting}); add --teacher_weighting fixed or drop the weights")
+    if settings.warmup_epochs >= settings.num_epochs:
+        return (f"--warmup_epochs {settings.warmup_epochs:g} is not below --num_epochs {settings.num_epochs}: the "
+                "rate would never reach --lr")
     try:
         method_params(settings.kd_loss, settings.kd_params)
     except ValueError as err:
@@ -80,6 +83,7 @@ class TrainSettings:
     num_workers: int | None = None  # decoding processes of streamed data; None: from the CPU count
     stride_reduction: int | None = None  # the student's first downsampling layers halved; None: the task config's
     mixup: float = 0.0  # Beta(a, a) concentration of mixup on every training batch; 0: off
+    warmup_epochs: float = 0.0  # the rate's linear rise over the first epochs (kd.engine.Warmup); 0: none
     ema_decay: float = 0.0  # the largest decay of the weights' moving average (kd.engine.WeightAverage); 0: off
     test_time_flip: bool = False  # the student judges each image with its mirror image (kd.models.Normalized)
     dist_timeout: float = 30.0  # torchrun: minutes a process waits at a collective before it fails

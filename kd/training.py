@@ -28,7 +28,7 @@ from kd.config import Recipe, TaskConfig, TeacherSpec, load_task_config, normali
 from kd.data import TaskData, load_task_data
 from kd.distributed import World, broadcast, init_world, main_process_first, process_device, shutdown
 from kd.engine import (EVAL_BATCH_SIZE, Mixup, Precision, WeightAverage, fit, online_teachers, seed_everything,
-                       select_device, select_precision)
+                       select_device, select_precision, Warmup)
 from kd.errors import UserError
 from kd.distillers import make_distiller
 from kd.builds import ModelBuild
@@ -359,7 +359,7 @@ def _train_in(run_dir: Path, settings: TrainSettings, task: TaskConfig, trainee:
             epochs=settings.num_epochs, start_epoch=checkpoints.epoch, precision=precision, teachers=teachers,
             teacher_names=ensemble.names if ensemble else (), on_epoch=after_epoch, desc=trainee.label,
             progress=not hooks.quiet, mixup=Mixup(settings.mixup, task.num_classes) if settings.mixup else None,
-            average=average)
+            average=average, warmup=make_warmup(settings, len(train_batches)))
     finally:
         if metrics:
             metrics.close()
@@ -394,6 +394,12 @@ def make_optimizer(settings: TrainSettings, parameters) -> torch.optim.Optimizer
     """Adam (the weight decay added to the gradients, the contract's default) or AdamW (decoupled)."""
     kind = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[settings.optimizer]
     return kind(parameters, lr=settings.lr, weight_decay=settings.weight_decay)
+
+
+def make_warmup(settings: TrainSettings, steps_per_epoch: int) -> Warmup | None:
+    if not settings.warmup_epochs:
+        return None
+    return Warmup(max(1, round(settings.warmup_epochs * steps_per_epoch)))
 
 
 def make_scheduler(settings: TrainSettings, optimizer) -> torch.optim.lr_scheduler.LRScheduler:

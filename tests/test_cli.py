@@ -27,7 +27,7 @@ def test_student_and_task_are_case_insensitive():
     ["--batch_size", "0"], ["--num_epochs", "0"], ["--scheduler_step", "0"], ["--scheduler_gamma", "0"],
     ["--scheduler_gamma", "1.5"], ["--task", "C"], ["--student_model", "VGG"], ["--weight_decay", "-1"],
     ["--stride_reduction", "4"], ["--stride_reduction", "-1"], ["--mixup", "-0.2"], ["--ema_decay", "1"],
-    ["--ema_decay", "-0.5"],
+    ["--ema_decay", "-0.5"], ["--warmup_epochs", "-1"],
 ])
 def test_bad_values_exit_2_with_one_line(flags, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -81,3 +81,13 @@ def test_kd_study_takes_train_pys_flags_as_train_py_defines_them():
     assert study.parse_args(["--alpha", "0"]).alpha == 0.0  # typed as train.py's (the study refuses it itself)
     with pytest.raises(SystemExit):
         study.parse_args(["--task", "A", "--config", "x.yaml"])  # one task source, as in train.py
+
+
+def test_a_warmup_as_long_as_the_run_exits_2_in_one_line(capsys):
+    import train
+
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--task", "A", "--num_epochs", "4", "--warmup_epochs", "4"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1
+    assert "--warmup_epochs 4 is not below --num_epochs 4: the rate would never reach --lr" in err[0]

@@ -130,3 +130,19 @@ def test_a_moving_average_of_the_weights_is_validated_kept_and_resumed_without_c
     assert_same_run(averaged, resumed)
     assert load_weights(resumed / "student.safetensors")[0].keys() == kept.keys()
     assert all(torch.equal(load_weights(resumed / "student.safetensors")[0][k], kept[k]) for k in kept)
+
+
+def test_a_warmed_up_run_resumed_mid_warmup_continues_as_the_uninterrupted_one(tmp_path, tiny_students, capsys):
+    config = write_task(tmp_path)
+    base = ["--config", str(config), "--alpha", "0", "--student_model", "MobileNetV3", "--batch_size", "128",
+            "--lr", "0.01", "--device", "cpu"]  # StepLR: a longer run keeps the shorter one's rates, cosine not
+    whole = run_in_process(base + ["--num_epochs", "3", "--warmup_epochs", "1.5", "--output_dir",
+                                   str(tmp_path / "whole")], capsys)
+    plain = run_in_process(base + ["--num_epochs", "3", "--output_dir", str(tmp_path / "plain")], capsys)
+    losses = [[r["train_loss"] for r in csv.DictReader((run / "metrics.csv").open())] for run in (whole, plain)]
+    assert losses[0] != losses[1]
+    assert [r["lr"] for r in csv.DictReader((whole / "metrics.csv").open())] == [  # each epoch's scheduled rate
+        r["lr"] for r in csv.DictReader((plain / "metrics.csv").open())]
+    first = run_in_process(base + ["--num_epochs", "2", "--warmup_epochs", "1.5", "--output_dir",
+                                   str(tmp_path / "resumed")], capsys)
+    assert_same_run(whole, run_in_process(base + ["--num_epochs", "3", "--resume", str(first)], capsys))

@@ -14,7 +14,7 @@ from kd.checkpoint import load_torch_checkpoint, load_weights
 from kd.config import load_task_config
 from kd.batches import Batch
 from kd.data import Batches, Split, load_task_data
-from kd.engine import (Mixup, Precision, WeightAverage, evaluate, fit, online_teachers, select_device,
+from kd.engine import (Mixup, Precision, WeightAverage, Warmup, evaluate, fit, online_teachers, select_device,
                        select_precision, train_one_epoch)
 from kd.errors import UserError
 from kd.distillers.kd import KD
@@ -340,3 +340,33 @@ def test_the_weights_average_starts_at_the_model_and_ramps_its_decay_up_to_the_g
     restored = WeightAverage(torch.nn.Linear(2, 1), decay=0.5)
     restored.load_state_dict(average.state_dict(), "test")
     assert restored.steps == 5 and torch.equal(restored.model.weight, average.model.weight)
+
+
+class EpochBatches(list):
+    """Training batches as fit takes them: the same batches every epoch."""
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+
+def step_rates(start_epoch: int, warmup) -> list[float]:
+    """The learning rate of every optimiser step of a 3-epoch run of 4 steps an epoch, cosine-scheduled."""
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1 - (start_epoch + epoch) / 3)
+    rates = []
+    optimizer.register_step_pre_hook(lambda opt, *_: rates.append(opt.param_groups[0]["lr"]))
+    batches = EpochBatches([Batch(torch.rand(2, 1, 2, 2), torch.tensor([0, 1]), torch.arange(2), None)] * 4)
+    fit(model, batches, batches[:1], optimizer=optimizer, scheduler=scheduler, criterion=KD(2.0, 0.0), epochs=3,
+        start_epoch=start_epoch, precision=Precision(torch.device("cpu"), None), progress=False, warmup=warmup)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0)  # the schedule's own rate after the last epoch
+    return rates
+
+
+def test_the_warmup_raises_the_scheduled_rate_step_by_step_and_a_resumed_run_rises_alike():
+    rates = step_rates(0, Warmup(6))
+    scheduled = [0.3] * 4 + [0.2] * 4 + [0.1] * 4
+    assert rates == pytest.approx([rate * min(1, (s + 1) / 6) for s, rate in enumerate(scheduled)])
+    assert rates[:6] == pytest.approx([0.05, 0.1, 0.15, 0.2, 0.2 * 5 / 6, 0.2])
+    assert step_rates(1, Warmup(6)) == pytest.approx(rates[4:])  # resumed after epoch 1: steps 4-11
+    assert step_rates(0, None) == pytest.approx(scheduled)
