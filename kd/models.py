@@ -17,8 +17,9 @@ from kd.errors import UserError
 # Flush denormal floats to zero on the CPU (x86's FTZ/DAZ; ignored where unsupported), as TensorFlow does by
 # default. Weights that training stops using, and Adam's moments of their gradients, decay towards zero;
 # once denormal, every multiplication with them takes the slow path: a MobileNetV3 student after 10 task B
-# epochs trained 3.1x slower than at its start (docs/training.md). It is set when networks are first imported, before torch
-# starts its CPU thread pool: the pool's threads inherit the setting, which set later covers one thread.
+# epochs trained 3.1x slower than at its start (docs/training.md). It is set when networks are first
+# imported, before torch starts its CPU thread pool: the pool's threads inherit the setting, which set
+# later covers one thread.
 torch.set_flush_denormal(True)
 
 
