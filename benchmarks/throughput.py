@@ -9,6 +9,7 @@ included), plus the validation accuracy of online and cached KD from the same se
     python benchmarks/throughput.py --task B --quick          # a few minutes on a laptop CPU
     python benchmarks/throughput.py --task B --device cuda    # the full training split on a GPU
     python benchmarks/throughput.py --task B --quick --efficiency   # each model's step against the matmul peak
+    python benchmarks/throughput.py --task B --subset 8192 --batch_sizes 128 512   # the step's rate by batch size
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 
 from kd.cache import TeacherLogitCache, teacher_identity
+from kd.cli import positive_int
 from kd.config import load_task_config
 from kd.data import Batches, Split, load_task_data
 from kd.engine import Precision, evaluate, fit, online_teachers, select_device, select_precision, train_one_epoch
@@ -48,6 +50,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--efficiency", action="store_true",
                    help="only the table of every student's and teacher's training step against the device's "
                         "matmul peak (images/s, FLOPs per image, %% of the fp32 and bf16 peaks)")
+    p.add_argument("--batch_sizes", type=positive_int, nargs="+", default=None, metavar="B",
+                   help="only the student's labels-only step at each of these batch sizes (images/s, against the "
+                        "first), the question behind a larger batch with a scaled learning rate")
     return p
 
 
@@ -164,7 +169,21 @@ def efficiency(args, task, train_split, precision) -> None:
         achieved = rate["fp32"] * flops
         print(f"  {label:44s} {count_parameters(model) / 1e6:7.2f}M {rate['fp32']:9.0f} {flops / 1e9:12.3f} "
               f"{achieved / 1e9:8.1f} {100 * achieved / peaks[torch.float32]:10.1f}% "
-              f"{100 * achieved / peaks[torch.bfloat16]:10.1f}% {rate['bf16']:7.0f} ({rate['bf16'] / rate['fp32']:.2f}x)")
+              f"{100 * achieved / peaks[torch.bfloat16]:10.1f}% {rate['bf16']:7.0f} "
+              f"({rate['bf16'] / rate['fp32']:.2f}x)")
+
+
+def batch_scaling(args, task, train_split, precision) -> None:
+    """The student's labels-only training step at each of `args.batch_sizes`, timed in turns in one run."""
+    trainers = {size: StudentTrainer(args, task, Batches(train_split, size, precision.device, shuffle=True,
+                                                         augment=task.augment, seed=0), precision, 0.0, None)
+                for size in args.batch_sizes}
+    rates = best_rates(trainers, rounds=3)
+    first = rates[args.batch_sizes[0]]
+    print(f"student {args.student_model}, labels-only step, {len(train_split)} training images, "
+          f"{precision.name}, channels_last, {torch.get_num_threads()} threads")
+    for size, rate in rates.items():
+        print(f"  batch {size:5d} {rate:8.0f} images/s  ({rate / first:.2f}x batch {args.batch_sizes[0]})")
 
 
 def main(args) -> None:
@@ -177,6 +196,8 @@ def main(args) -> None:
     train_split, val_split = subset(data.train, n), subset(data.val, 1000 if args.quick else None)
     if args.efficiency:
         return efficiency(args, task, train_split, precision)
+    if args.batch_sizes:
+        return batch_scaling(args, task, train_split, precision)
     models, checkpoints, kind = teachers_for(task)
     ensemble = TeacherEnsemble({t.name: m for t, m in zip(task.teachers, models)})
     ensemble.to(device, memory_format=torch.channels_last)  # as train.py does by default

@@ -1,10 +1,12 @@
 """The arithmetic a model needs and what the device can do: kd.speed.forward_flops and matmul_peak,
-which benchmarks/throughput.py --efficiency divides."""
+which benchmarks/throughput.py --efficiency divides, and that benchmark's comparison of batch sizes."""
 
+import pytest
 import torch
 import torch.nn as nn
 
 from kd.speed import forward_flops, matmul_peak
+from tests.conftest import load_benchmark, write_task
 
 
 def test_forward_flops_count_two_per_multiply_add_of_linear_and_conv_layers():
@@ -20,3 +22,20 @@ def test_forward_flops_count_two_per_multiply_add_of_linear_and_conv_layers():
 def test_the_matmul_peak_is_the_products_flops_over_their_time():
     peak = matmul_peak(torch.float32, size=128, runs=3)
     assert 1e6 < peak < 1e15  # a plausible FLOP/s for any CPU (2 x 128^3 per product)
+
+
+def test_the_throughput_benchmark_times_the_students_step_at_each_batch_size(tiny_students, tmp_path, capsys):
+    script = load_benchmark("throughput")
+    script.main(script.get_args_parser().parse_args(["--task", str(write_task(tmp_path)), "--subset", "96",
+                                                     "--device", "cpu", "--batch_sizes", "16", "48"]))
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    assert [row[1] for row in rows] == ["16", "48"]
+    rates = [float(row[2]) for row in rows]
+    assert all(rate > 0 for rate in rates)
+    assert rows[0][4] == "(1.00x" and float(rows[1][4].strip("(x")) == pytest.approx(rates[1] / rates[0], rel=0.02)
+
+
+def test_the_throughput_benchmark_refuses_a_batch_size_below_one(capsys):
+    with pytest.raises(SystemExit) as stop:
+        load_benchmark("throughput").get_args_parser().parse_args(["--batch_sizes", "128", "0"])
+    assert stop.value.code == 2 and "--batch_sizes" in capsys.readouterr().err
