@@ -181,7 +181,7 @@ def batch_scaling(args, task, train_split, precision) -> None:
     rates = best_rates(trainers, rounds=3)
     first = rates[args.batch_sizes[0]]
     print(f"student {args.student_model}, labels-only step, {len(train_split)} training images, "
-          f"{precision.name}, channels_last, {torch.get_num_threads()} threads")
+          f"{precision.name}, channels_last, torch threads {torch.get_num_threads()}")
     for size, rate in rates.items():
         print(f"  batch {size:5d} {rate:8.0f} images/s  ({rate / first:.2f}x batch {args.batch_sizes[0]})")
 
