@@ -32,9 +32,10 @@ METHODS_END = "<!-- end of the methods table -->"
 METHODS_STUDY = "TaskB_methods"  # the study of the README's methods table: every distillation method on task B
 TECHNIQUES_START = "<!-- techniques table: made by python -m kd.experiments.results from evaluation/; do not edit -->"
 TECHNIQUES_END = "<!-- end of the techniques table -->"
-# Short-budget techniques on task B: each study is METHODS_STUDY's budget with one setting changed, its
-# runs paired by seed with METHODS_STUDY's of the same arm (the same start, data order and teachers)
-TECHNIQUE_STUDIES = ("TaskB_4ep_ema", "TaskB_4ep_ls01", "TaskB_4ep_flip")
+# Short-budget techniques on task B: each study is METHODS_STUDY's budget with one setting changed (the
+# batch size with its scaled rate counting as one), its runs paired by seed with METHODS_STUDY's of the
+# same arm (the same start and teachers)
+TECHNIQUE_STUDIES = ("TaskB_4ep_ema", "TaskB_4ep_ls01", "TaskB_4ep_flip", "TaskB_4ep_warmup", "TaskB_4ep_b512")
 # The studies the README's table shows (the page shows every study): the quick start's recipe, train.py's
 # defaults as a new user runs them, and task B's longest study.
 HEADLINES = ("TaskA_40ep_halved2_a09_T8_mixup", "TaskA_20ep_default_cache", "TaskB_4ep")
