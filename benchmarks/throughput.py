@@ -61,6 +61,11 @@ def subset(split: Split, n: int | None) -> Split:
                                                                           labels=split.labels[:n])
 
 
+def training_batches(split: Split, size: int, task, device, **pool) -> Batches:
+    """Shuffled, augmented batches as training draws them, from one fixed seed so every variant sees the same."""
+    return Batches(split, size, device, shuffle=True, augment=task.augment, seed=0, **pool)
+
+
 def teachers_for(task) -> tuple[list[torch.nn.Module], list[Path], str]:
     """The task's trained teachers, or untrained stand-ins (same cost) saved to a temporary folder."""
     checkpoints = [task.teacher_checkpoint(t) for t in task.teachers]
@@ -155,7 +160,7 @@ def efficiency(args, task, train_split, precision) -> None:
           f"{precision.name}, channels_last, on {len(train_split)} images")
     print(f"  {'model':44s} {'params':>8s} {'images/s':>9s} {'GFLOP/image':>12s} {'GFLOP/s':>8s} "
           f"{'% fp32 peak':>11s} {'% bf16 peak':>11s} {'bf16 autocast':>14s}")
-    fresh = Batches(train_split, args.batch_size, device, shuffle=True, augment=task.augment, seed=0)
+    fresh = training_batches(train_split, args.batch_size, task, device)
     models = {f"student {name} ({arch})": lambda name=name: build_student(name, task)
               for name, arch in STUDENT_ARCHS.items()}
     models.update({f"teacher {spec.name} ({spec.arch})": lambda spec=spec: build_teacher(spec, task)
@@ -175,8 +180,8 @@ def efficiency(args, task, train_split, precision) -> None:
 
 def batch_scaling(args, task, train_split, precision) -> None:
     """The student's labels-only training step at each of `args.batch_sizes`, timed in turns in one run."""
-    trainers = {size: StudentTrainer(args, task, Batches(train_split, size, precision.device, shuffle=True,
-                                                         augment=task.augment, seed=0), precision, 0.0, None)
+    trainers = {size: StudentTrainer(args, task, training_batches(train_split, size, task, precision.device),
+                                     precision, 0.0, None)
                 for size in args.batch_sizes}
     rates = best_rates(trainers, rounds=3)
     first = rates[args.batch_sizes[0]]
@@ -203,8 +208,8 @@ def main(args) -> None:
     ensemble.to(device, memory_format=torch.channels_last)  # as train.py does by default
 
     def batches(views=None):
-        return Batches(train_split, args.batch_size, device, shuffle=True, augment=task.augment, seed=0,
-                       views=views, pool_seed=task.data.split_seed)
+        return training_batches(train_split, args.batch_size, task, device, views=views,
+                                pool_seed=task.data.split_seed)
 
     fresh, pooled = batches(), batches(args.views)
     val = Batches(val_split, 1024, device)
