@@ -136,6 +136,23 @@ def test_a_technique_is_held_against_the_same_arm_and_seed_without_it_and_judged
     # val differences +1 0 +1, test +1 +2 +1 points: sd sqrt(1/3), a half-width of 4.303 / 3
     assert results.technique_rows(technique, reference) == [
         "| `--ema_decay 0.999` | MobileNetV3 | alpha0 | 3 | 91.67 | +0.67 [-0.77, +2.10] | 91.33 | "
-        "+1.33 [-0.10, +2.77] | within noise |"]
+        "+1.33 [-0.10, +2.77] | - | within noise |"]
     flipped = [{**r, "budget": {**r["budget"], "test_time_flip": True}} for r in technique]  # a switch: its name
     assert results.technique_rows(flipped, reference)[0].startswith("| `--ema_decay 0.999 --test_time_flip` |")
+
+
+def test_a_change_of_the_teachers_term_alone_is_held_against_the_reference_runs_of_kd_and_of_labels_only():
+    def scored(arm, seed, val, test, alpha=None, **budget):
+        return {**row(arm, seed, test, **budget), "val_acc": val, **({"alpha": alpha} if alpha else {})}
+
+    reference = [scored("alpha0", s, 0.90, t) for s, t in ((1, 0.89), (2, 0.90), (3, 0.91))]
+    reference += [scored("uniform", s, 0.92, t) for s, t in ((1, 0.90), (2, 0.91), (3, 0.92))]
+    hotter = [scored("uniform", s, v, t, alpha=0.9, temperature=4.0)
+              for s, v, t in ((1, 0.93, 0.91), (2, 0.92, 0.93), (3, 0.93, 0.93))]
+    # against kd: val +1 0 +1, test +1 +2 +1; against labels only (the reference's, whose temperature
+    # does not matter): test +2 +3 +2
+    assert results.technique_rows(hotter, reference) == [
+        "| `--alpha 0.9 --temperature 4` | MobileNetV3 | uniform | 3 | 92.67 | +0.67 [-0.77, +2.10] | 92.33 | "
+        "+1.33 [-0.10, +2.77] | +2.33 [+0.90, +3.77] | within noise |"]
+    longer = [{**r, "budget": {**r["budget"], "num_epochs": 40}} for r in hotter]  # another budget: no labels only
+    assert results.technique_rows(longer, reference)[0].split(" | ")[-2] == "-"

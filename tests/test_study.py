@@ -45,6 +45,8 @@ def test_summary_statistics_on_hand_made_rows():
     assert uniform.gain == pytest.approx(1.5) and uniform.verdict == "gain"
     assert stats["entropy"].paired_mean == pytest.approx(1 / 3) and stats["entropy"].verdict == "within noise"
     assert stats["confidence"].verdict == "loss"
+    unpaired = summarize([row("S", "uniform", 4, 0.9)])["S"][0]  # a seed without labels only: nothing to judge
+    assert unpaired.paired == {} and unpaired.verdict == "-"
 
 
 def test_table_numbers_have_no_negative_zero():

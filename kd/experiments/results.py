@@ -32,10 +32,11 @@ METHODS_END = "<!-- end of the methods table -->"
 METHODS_STUDY = "TaskB_methods"  # the study of the README's methods table: every distillation method on task B
 TECHNIQUES_START = "<!-- techniques table: made by python -m kd.experiments.results from evaluation/; do not edit -->"
 TECHNIQUES_END = "<!-- end of the techniques table -->"
-# Short-budget techniques on task B: each study is METHODS_STUDY's budget with one setting changed (the
-# batch size with its scaled rate counting as one), its runs paired by seed with METHODS_STUDY's of the
-# same arm (the same start and teachers)
-TECHNIQUE_STUDIES = ("TaskB_4ep_ema", "TaskB_4ep_ls01", "TaskB_4ep_flip", "TaskB_4ep_warmup", "TaskB_4ep_b512")
+# Techniques on task B: each study is METHODS_STUDY's budget with one setting changed (the batch size with
+# its scaled rate, or alpha with the temperature, counting as one), its runs paired by seed with
+# METHODS_STUDY's of the same arm (the same start and teachers)
+TECHNIQUE_STUDIES = ("TaskB_4ep_ema", "TaskB_4ep_ls01", "TaskB_4ep_flip", "TaskB_4ep_warmup", "TaskB_4ep_b512",
+                     "TaskB_4ep_T4", "TaskB_4ep_a09_T4")
 # The studies the README's table shows (the page shows every study): the quick start's recipe, train.py's
 # defaults as a new user runs them, and task B's longest study.
 HEADLINES = ("TaskA_40ep_halved2_a09_T8_mixup", "TaskA_20ep_default_cache", "TaskB_4ep")
@@ -311,30 +312,48 @@ def methods_table(studies: list[Study]) -> list[str]:
 
 
 def technique_rows(technique: list[dict], reference: list[dict]) -> list[str]:
-    """One line per arm of a technique study: what its flags add to the reference's budget, and its
-    validation and test accuracy against the reference's runs of the same arm and seed (mean [95% CI]
-    points); the verdict is validation's, where choices are made."""
+    """One line per arm of a technique study: what its flags add to the reference's budget, its validation
+    and test accuracy against the reference's runs of the same arm and seed, and a distilling arm's test
+    accuracy against labels only on the same seed (mean [95% CI] points); the verdict is validation's,
+    where choices are made."""
     def key(row):
         return row["student"], row["arm"], row["seed"], row["teachers"]
 
     before = {key(r): r for r in reversed(reference)}  # the first of duplicates
-
-    def flags(rows):
-        return re.findall(r"--\S+(?: (?!--)\S+)?", budget_flags(full_budget(rows[0]["budget"])))
-
-    reference_flags = flags(reference)
-    added = " ".join(flag for flag in flags(technique) if flag not in reference_flags)
     lines = []
     for student, arm in dict.fromkeys((r["student"], r["arm"]) for r in technique):
-        pairs = [(r, before[key(r)]) for r in technique
-                 if (r["student"], r["arm"]) == (student, arm) and key(r) in before]
-        differences = {metric: [100 * (mine[metric] - theirs[metric]) for mine, theirs in pairs]
+        mine = [r for r in technique if (r["student"], r["arm"]) == (student, arm)]
+        pairs = [(r, before[key(r)]) for r in mine if key(r) in before]
+        if not pairs:
+            continue
+        differences = {metric: [100 * (new[metric] - old[metric]) for new, old in pairs]
                        for metric in ("val_acc", "test_acc")}
         cells = [cell for metric, diffs in differences.items()
-                 for cell in (f"{statistics.fmean(100 * mine[metric] for mine, _ in pairs):.2f}", interval_text(diffs))]
+                 for cell in (f"{statistics.fmean(100 * new[metric] for new, _ in pairs):.2f}", interval_text(diffs))]
+        added = " ".join(flag for flag in run_flags(pairs[0][0]) if flag not in run_flags(pairs[0][1]))
         lines.append(f"| `{added}` | {student} | {arm} | {len(pairs)} | {' | '.join(cells)} | "
-                     f"{verdict(differences['val_acc'])} |")
+                     f"{versus_labels_only(mine, technique + reference)} | {verdict(differences['val_acc'])} |")
     return lines
+
+
+def run_flags(row: dict) -> list[str]:
+    """The flags beyond train.py's defaults that a run trained with, alpha included."""
+    return re.findall(r"--\S+(?: (?!--)\S+)?", budget_flags({**full_budget(row["budget"]), "alpha": row["alpha"]}))
+
+
+def versus_labels_only(runs: list[dict], candidates: list[dict]) -> str:
+    """Distilling runs' test accuracy against the first labels-only run of `candidates` of the same student,
+    seed and budget (a labels-only run serves any setting of the teachers' term), as mean [95% CI] points."""
+    if runs[0]["arm"] == BASELINE:
+        return "-"
+    differences = []
+    for run in runs:
+        budget = full_budget(run["budget"])
+        match = next((c for c in candidates if c["arm"] == BASELINE and (c["student"], c["seed"]) ==
+                      (run["student"], run["seed"]) and same_budget(c["budget"], budget, kd=False)), None)
+        if match is not None:
+            differences.append(100 * (run["test_acc"] - match["test_acc"]))
+    return interval_text(differences)
 
 
 def techniques_table(evaluation: Path) -> list[str]:
@@ -342,8 +361,9 @@ def techniques_table(evaluation: Path) -> list[str]:
     reference = read_rows(evaluation / "study" / METHODS_STUDY / "runs.csv")
     lines = [f"Each against the same seeds' runs without it (study {METHODS_STUDY}, the methods table's budget):", "",
              "| flags added | student | arm | seeds | val acc % | vs without, val: mean [95% CI] pts | test acc % | "
-             "vs without, test: mean [95% CI] pts | verdict (on validation) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "vs without, test: mean [95% CI] pts | vs labels only, test: mean [95% CI] pts | "
+             "verdict (on validation) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name in TECHNIQUE_STUDIES:
         rows = read_rows(evaluation / "study" / name / "runs.csv")
         if rows:

@@ -87,7 +87,7 @@ VERDICT_RULE = ('Verdict: d_s = arm minus alpha0 on the same seed s, in points; 
                 'their mean is mean(d) +- t(0.975, n - 1) * sd(d) / sqrt(n) (Student\'s t, sd the sample standard '
                 'deviation); "gain" where the whole interval is above zero, "loss" where it is below, otherwise '
                 '"within noise" (so also with fewer than 2 paired seeds: add seeds where an interval is too wide to '
-                'decide).')
+                'decide); "-" where no seed of the arm has an alpha0 run to pair with.')
 
 
 @dataclass(frozen=True)
@@ -416,7 +416,7 @@ def arm_stats(arm: str, rows: list[dict]) -> ArmStats:
     return ArmStats(arm, accuracies, sample_sd(accuracies.values()), statistics.fmean(r["wall_s"] for r in own),
                     any(r["built"] for r in own), gain, paired,
                     statistics.fmean(paired.values()) if paired else None, sample_sd(paired.values()),
-                    "baseline" if arm == BASELINE else verdict(list(paired.values())))
+                    "baseline" if arm == BASELINE else verdict(list(paired.values())) if paired else "-")
 
 
 def sample_sd(values) -> float | None:
