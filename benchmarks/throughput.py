@@ -10,6 +10,7 @@ included), plus the validation accuracy of online and cached KD from the same se
     python benchmarks/throughput.py --task B --device cuda    # the full training split on a GPU
     python benchmarks/throughput.py --task B --quick --efficiency   # each model's step against the matmul peak
     python benchmarks/throughput.py --task B --subset 8192 --batch_sizes 128 512   # the step's rate by batch size
+    python benchmarks/throughput.py --task B --subset 4096 --layers   # each model's step, kd.layers against PyTorch's
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import argparse
 import dataclasses
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -26,9 +28,10 @@ from kd.cache import TeacherLogitCache, teacher_identity
 from kd.cli import positive_int
 from kd.config import load_task_config
 from kd.data import Batches, Split, load_task_data
-from kd.engine import Precision, evaluate, fit, online_teachers, select_device, select_precision, train_one_epoch
 from kd.distillers import METHODS, make_distiller
 from kd.distillers.kd import KD
+from kd.engine import Precision, evaluate, fit, online_teachers, select_device, select_precision, train_one_epoch
+from kd.layers import use_plain_layers
 from kd.models import count_parameters
 from kd.settings import STUDENT_ARCHS
 from kd.speed import forward_flops, matmul_peak
@@ -53,6 +56,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_sizes", type=positive_int, nargs="+", default=None, metavar="B",
                    help="only the student's labels-only step at each of these batch sizes (images/s, against the "
                         "first), the question behind a larger batch with a scaled learning rate")
+    p.add_argument("--layers", action="store_true",
+                   help="only every student's and teacher's labels-only step with the project's faster "
+                        "convolutions (kd.layers) against PyTorch's own, timed in turns (images/s, ratio)")
     return p
 
 
@@ -161,11 +167,7 @@ def efficiency(args, task, train_split, precision) -> None:
     print(f"  {'model':44s} {'params':>8s} {'images/s':>9s} {'GFLOP/image':>12s} {'GFLOP/s':>8s} "
           f"{'% fp32 peak':>11s} {'% bf16 peak':>11s} {'bf16 autocast':>14s}")
     fresh = training_batches(train_split, args.batch_size, task, device)
-    models = {f"student {name} ({arch})": lambda name=name: build_student(name, task)
-              for name, arch in STUDENT_ARCHS.items()}
-    models.update({f"teacher {spec.name} ({spec.arch})": lambda spec=spec: build_teacher(spec, task)
-                   for spec in task.teachers})
-    for label, new_model in models.items():
+    for label, new_model in every_model(task).items():
         model = new_model()
         flops = 3 * forward_flops(model, next(iter(Batches(train_split, 2, device))).x) / 2  # as fed
         trainers = {kind: StudentTrainer(args, task, fresh, chosen, 0.0, None, model=built)
@@ -176,6 +178,33 @@ def efficiency(args, task, train_split, precision) -> None:
               f"{achieved / 1e9:8.1f} {100 * achieved / peaks[torch.float32]:10.1f}% "
               f"{100 * achieved / peaks[torch.bfloat16]:10.1f}% {rate['bf16']:7.0f} "
               f"({rate['bf16'] / rate['fp32']:.2f}x)")
+
+
+def every_model(task) -> dict[str, Callable[[], torch.nn.Module]]:
+    """A builder of a new network for each student and teacher of the task, by its label."""
+    models = {f"student {name} ({arch})": lambda name=name: build_student(name, task)
+              for name, arch in STUDENT_ARCHS.items()}
+    models.update({f"teacher {spec.name} ({spec.arch})": lambda spec=spec: build_teacher(spec, task)
+                   for spec in task.teachers})
+    return models
+
+
+def layer_speed(args, task, train_split, precision) -> None:
+    """Every model's labels-only training step with kd.layers' convolutions and with PyTorch's own (the
+    same network and start), timed in turns in one run."""
+    fresh = training_batches(train_split, args.batch_size, task, precision.device)
+    print(f"labels-only training steps at batch {args.batch_size}, {precision.name}, channels_last, "
+          f"{len(train_split)} images, torch threads {torch.get_num_threads()}")
+    print(f"  {'model':44s} {'layers changed':>15s} {'PyTorch images/s':>17s} {'kd.layers images/s':>19s} "
+          f"{'ratio':>6s}")
+    for label, new_model in every_model(task).items():
+        plain = new_model()
+        changed = use_plain_layers(plain)
+        trainers = {kind: StudentTrainer(args, task, fresh, precision, 0.0, None, model=model)
+                    for kind, model in (("plain", plain), ("fast", new_model()))}
+        rate = best_rates(trainers, 3)
+        print(f"  {label:44s} {changed:15d} {rate['plain']:17.0f} {rate['fast']:19.0f} "
+              f"{rate['fast'] / rate['plain']:5.2f}x")
 
 
 def batch_scaling(args, task, train_split, precision) -> None:
@@ -203,6 +232,8 @@ def main(args) -> None:
         return efficiency(args, task, train_split, precision)
     if args.batch_sizes:
         return batch_scaling(args, task, train_split, precision)
+    if args.layers:
+        return layer_speed(args, task, train_split, precision)
     models, checkpoints, kind = teachers_for(task)
     ensemble = TeacherEnsemble({t.name: m for t, m in zip(task.teachers, models)})
     ensemble.to(device, memory_format=torch.channels_last)  # as train.py does by default

@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kd.errors import UserError
+from kd.layers import use_fast_layers
 
 # Flush denormal floats to zero on the CPU (x86's FTZ/DAZ; ignored where unsupported), as TensorFlow does by
 # default. Weights that training stops using, and Adam's moments of their gradients, decay towards zero;
@@ -62,13 +63,15 @@ def create_model(arch: str, num_classes: int, in_chans: int, mean: Sequence[floa
     weights file (`pretrained=path`); the classifier is new whenever num_classes differs from theirs,
     and a new classifier starts at zero (see `zero_classifier`). `stride_reduction` halves that many
     of the first downsampling layers (each halving doubles every later feature map); 0 keeps timm's
-    architecture exactly, for weights trained elsewhere. `flip_average`: see `Normalized`.
+    architecture exactly, for weights trained elsewhere. `flip_average`: see `Normalized`. Its depthwise
+    and 1x1 convolutions compute as `kd.layers` says (faster on the CPU, the same layers and weights).
     """
     backbone = create_backbone(arch, num_classes, in_chans, pretrained)
     if not pretrained or getattr(backbone, "pretrained_cfg", {}).get("num_classes") != num_classes:
         zero_classifier(backbone)
     for _ in range(stride_reduction):
         halve_first_downsampling(backbone)
+    use_fast_layers(backbone)
     return Normalized(backbone, mean, std, flip_average)
 
 

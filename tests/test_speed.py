@@ -1,10 +1,12 @@
 """The arithmetic a model needs and what the device can do: kd.speed.forward_flops and matmul_peak,
-which benchmarks/throughput.py --efficiency divides, and that benchmark's comparison of batch sizes."""
+which benchmarks/throughput.py --efficiency divides, and that benchmark's comparisons of batch sizes and
+of kd.layers against PyTorch's layers."""
 
 import pytest
 import torch
 import torch.nn as nn
 
+from kd.config import load_task_config
 from kd.speed import forward_flops, matmul_peak
 from tests.conftest import load_benchmark, write_task
 
@@ -39,3 +41,19 @@ def test_the_throughput_benchmark_refuses_a_batch_size_below_one(capsys):
     with pytest.raises(SystemExit) as stop:
         load_benchmark("throughput").get_args_parser().parse_args(["--batch_sizes", "128", "0"])
     assert stop.value.code == 2 and "--batch_sizes" in capsys.readouterr().err
+
+
+def test_the_throughput_benchmark_times_every_models_step_with_and_without_the_fast_layers(tiny_students, tmp_path,
+                                                                                          capsys):
+    script = load_benchmark("throughput")
+    task = write_task(tmp_path)
+    script.main(script.get_args_parser().parse_args(["--task", str(task), "--subset", "64", "--batch_size", "32",
+                                                     "--device", "cpu", "--layers"]))
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    labels = [f"{row[0]} {row[1]}" for row in rows]
+    assert labels[:3] == ["student MobileNetV3", "student EfficientNet", "student ResNet18"]
+    assert len(labels) == 3 + len(load_task_config(str(task)).teachers) and labels[3].startswith("teacher")
+    tiny_efficientnet = rows[0]
+    assert int(tiny_efficientnet[3]) > 0  # its depthwise and 1x1 layers were handed back to PyTorch
+    plain, fast, ratio = float(tiny_efficientnet[4]), float(tiny_efficientnet[5]), tiny_efficientnet[6]
+    assert float(ratio.rstrip("x")) == pytest.approx(fast / plain, abs=0.01)
