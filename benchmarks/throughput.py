@@ -198,8 +198,10 @@ def layer_speed(args, task, train_split, precision) -> None:
     print(f"  {'model':44s} {'layers changed':>15s} {'PyTorch images/s':>17s} {'kd.layers images/s':>19s} "
           f"{'ratio':>6s}")
     for label, new_model in every_model(task).items():
+        torch.manual_seed(0)
         plain = new_model()
         changed = use_plain_layers(plain)
+        torch.manual_seed(0)
         trainers = {kind: StudentTrainer(args, task, fresh, precision, 0.0, None, model=model)
                     for kind, model in (("plain", plain), ("fast", new_model()))}
         rate = best_rates(trainers, 3)

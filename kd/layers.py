@@ -15,7 +15,9 @@ common (docs/training.md, "Faster layers on the CPU", has the measurements):
 `use_fast_layers` gives a model these forms in place. Each layer keeps its class's parameters and
 state_dict keys, so weights files, checkpoints and exports are unchanged; on other devices, under
 autocast, and while torch.compile, torch.export or torch.jit.trace records the model, each is the plain
-`nn.Conv2d`. Results differ from PyTorch's only in the order of floating-point sums.
+`nn.Conv2d`. Results differ from PyTorch's only in the order of floating-point sums. The depthwise
+form's gradient is a plain autograd.Function: torch.func transforms (vmap, forward-mode AD) are not
+supported through it in training, where the project uses none.
 """
 
 from __future__ import annotations
@@ -64,8 +66,10 @@ def is_plain_pointwise(module: nn.Module) -> bool:
 
 
 def _eager_on_cpu(x: torch.Tensor) -> bool:
-    """Running eagerly on the CPU: a compiler, exporter or tracer is given the plain convolution."""
-    return x.device.type == "cpu" and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
+    """Running eagerly on the CPU in the tensor's own precision: a compiler, exporter or tracer, and
+    autocast, are given the plain convolution."""
+    return (x.device.type == "cpu" and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
+            and not torch.is_autocast_enabled("cpu"))
 
 
 # The largest map (pixels per image) on which a 1x1 convolution runs faster as a matrix product: measured
@@ -95,7 +99,6 @@ class DepthwiseConv2d(nn.Conv2d):
 
     def _gradient_is_slow(self, x: torch.Tensor) -> bool:
         return (_eager_on_cpu(x) and torch.is_grad_enabled() and self.weight.requires_grad
-                and not torch.is_autocast_enabled("cpu")
                 and onednn_gradient_falls_back(min(x.shape[-2:]), self.kernel_size[0], self.stride[0],
                                                self.padding[0]))
 

@@ -17,14 +17,17 @@ from kd.models import create_model
 @pytest.mark.parametrize("kernel, stride", itertools.product([1, 3, 5, 7], [1, 2, 3]))
 def test_the_tap_sums_are_the_depthwise_weight_gradient(kernel, stride):
     torch.manual_seed(kernel * 10 + stride)
-    for height, width in [(1, 1), (2, 3), (4, 4), (5, 2), (7, 9)]:
+    for (height, width), padding in itertools.product([(1, 1), (2, 3), (4, 4), (5, 2), (7, 9)],
+                                                      {0, kernel // 2, kernel // 2 + 1}):
+        if height + 2 * padding < kernel or width + 2 * padding < kernel:
+            continue  # no output
         x = torch.randn(2, 3, height, width, dtype=torch.float64)
         weight = torch.randn(3, 1, kernel, kernel, dtype=torch.float64, requires_grad=True)
-        out = F.conv2d(x, weight, None, stride, kernel // 2, 1, 3)
+        out = F.conv2d(x, weight, None, stride, padding, 1, 3)
         grad_out = torch.randn_like(out)
         expected, = torch.autograd.grad(out, weight, grad_out)
-        got = depthwise_weight_grad(x, grad_out, kernel, stride, kernel // 2)
-        torch.testing.assert_close(got, expected, msg=f"{height}x{width} map")
+        got = depthwise_weight_grad(x, grad_out, kernel, stride, padding)
+        torch.testing.assert_close(got, expected, msg=f"{height}x{width} map, padding {padding}")
 
 
 @pytest.mark.parametrize("size, kernel, stride, padding, falls_back", [
@@ -107,7 +110,7 @@ def test_a_recorded_model_holds_plain_convolutions():
     assert graph.count("aten::_convolution(") == convolutions and graph.count("aten::linear(") == 1  # the head
 
 
-def test_without_a_gradient_the_depthwise_layer_is_pytorchs(monkeypatch):
+def test_without_a_gradient_or_under_autocast_the_depthwise_layer_is_pytorchs(monkeypatch):
     calls = []
     monkeypatch.setattr(kd.layers._DepthwiseConv, "apply", lambda *args: calls.append(args))
     layer = nn.Conv2d(8, 8, 5, padding=2, groups=8)
@@ -119,5 +122,8 @@ def test_without_a_gradient_the_depthwise_layer_is_pytorchs(monkeypatch):
     layer(x)
     assert calls == []
     layer.weight.requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(x)
+    assert calls == []
     layer(x)
     assert len(calls) == 1
