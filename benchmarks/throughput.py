@@ -162,7 +162,7 @@ def efficiency(args, task, train_split, precision) -> None:
     peaks = {dtype: matmul_peak(dtype, device) for dtype in (torch.float32, torch.bfloat16)}
     bf16 = Precision(device, torch.bfloat16)
     print(f"matmul peak ({torch.get_num_threads()} threads): fp32 {peaks[torch.float32] / 1e9:.0f} GFLOP/s, "
-          f"bf16 {peaks[torch.bfloat16] / 1e9:.0f} GFLOP/s; training steps at batch {args.batch_size}, "
+          f"bf16 {peaks[torch.bfloat16] / 1e9:.4g} GFLOP/s; training steps at batch {args.batch_size}, "
           f"{precision.name}, channels_last, on {len(train_split)} images")
     print(f"  {'model':44s} {'params':>8s} {'images/s':>9s} {'GFLOP/image':>12s} {'GFLOP/s':>8s} "
           f"{'% fp32 peak':>11s} {'% bf16 peak':>11s} {'bf16 autocast':>14s}")
