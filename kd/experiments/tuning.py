@@ -284,8 +284,10 @@ def open_study(url: str, name: str, plan: TunePlan) -> optuna.Study:
         raise UserError(f"study {name!r} in {_safe_url(url)} minimises its objective: not a study of this tool")
     identity = {"budget": study_budget(plan.settings, plan.space), "space": describe_space(plan.space)}
     if "budget" not in study.user_attrs:  # new, or made by other code: it takes this command's settings
-        for key, value in identity.items():
-            study.set_user_attr(key, value)
+        # "budget" marks a study whose settings are written, so it goes last: a worker that loads the study
+        # between the two writes sees no marker and writes the same settings, instead of seeing no space
+        for key in ("space", "budget"):
+            study.set_user_attr(key, identity[key])
     else:
         saved = {k: study.user_attrs.get(k) for k in identity}
         # settings TrainSettings gained after the study was started count at their defaults
