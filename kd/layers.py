@@ -65,7 +65,7 @@ def is_plain_pointwise(module: nn.Module) -> bool:
             and module.stride == (1, 1) and module.padding == (0, 0) and module.dilation == (1, 1))
 
 
-def _eager_on_cpu(x: torch.Tensor) -> bool:
+def _fast_forms_may_run(x: torch.Tensor) -> bool:
     """Running eagerly on the CPU in the tensor's own precision: a compiler, exporter or tracer, and
     autocast, are given the plain convolution."""
     return (x.device.type == "cpu" and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
@@ -82,7 +82,7 @@ class PointwiseConv2d(nn.Conv2d):
     pixel's channels times the (out, in) weight. The output is channels-last, as oneDNN's would be."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (_eager_on_cpu(x) and x.shape[-2] * x.shape[-1] <= POINTWISE_MAX_PIXELS
+        if (_fast_forms_may_run(x) and x.shape[-2] * x.shape[-1] <= POINTWISE_MAX_PIXELS
                 and x.is_contiguous(memory_format=torch.channels_last)):
             return F.linear(x.permute(0, 2, 3, 1), self.weight.flatten(1), self.bias).permute(0, 3, 1, 2)
         return super().forward(x)
@@ -98,7 +98,7 @@ class DepthwiseConv2d(nn.Conv2d):
         return super().forward(x)
 
     def _gradient_is_slow(self, x: torch.Tensor) -> bool:
-        return (_eager_on_cpu(x) and torch.is_grad_enabled() and self.weight.requires_grad
+        return (_fast_forms_may_run(x) and torch.is_grad_enabled() and self.weight.requires_grad
                 and onednn_gradient_falls_back(min(x.shape[-2:]), self.kernel_size[0], self.stride[0],
                                                self.padding[0]))
 
@@ -145,11 +145,11 @@ def depthwise_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, kernel_size: 
     view, no copy, for the channels-last tensors training uses)."""
     channels = x.shape[1]
     image, grad = x.permute(0, 2, 3, 1), grad_out.permute(0, 2, 3, 1)
+    row_spans, col_spans = ([_tap_span(tap, stride, padding, image.shape[axis], grad.shape[axis])
+                             for tap in range(kernel_size)] for axis in (1, 2))
     taps = []
-    for u in range(kernel_size):
-        rows = _tap_span(u, stride, padding, image.shape[1], grad.shape[1])
-        for v in range(kernel_size):
-            cols = _tap_span(v, stride, padding, image.shape[2], grad.shape[2])
+    for rows in row_spans:
+        for cols in col_spans:
             if rows is None or cols is None:
                 taps.append(x.new_zeros(channels))
                 continue
