@@ -11,7 +11,9 @@ import hashlib
 from collections.abc import Iterator
 from typing import NamedTuple
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 from kd.augment import PadCropFlip, PhotoAugment, make_augment
 from kd.config import AugmentSpec
@@ -19,11 +21,33 @@ from kd.config import AugmentSpec
 Augment = PadCropFlip | PhotoAugment
 
 
+class Mix(NamedTuple):
+    """How a pooled view blended each image of a batch with a partner (see `ViewPool`)."""
+    own: torch.Tensor  # each image's label (B,)
+    partner: torch.Tensor  # its partner's label (B,)
+    share: torch.Tensor  # the image's own share of the blend, lam (B,)
+
+    def soft_labels(self, num_classes: int) -> torch.Tensor:
+        """The blend's labels as class probabilities (B, C), blended as the images were."""
+        share = self.share.unsqueeze(1)
+        return share * F.one_hot(self.own, num_classes) + (1 - share) * F.one_hot(self.partner, num_classes)
+
+
 class Batch(NamedTuple):
     x: torch.Tensor  # float images in [0, 1], (B, C, H, W)
-    y: torch.Tensor  # labels (B,)
+    y: torch.Tensor  # labels (B,); of a blended image, its larger part's
     index: torch.Tensor  # positions of the images in the split (B,)
     view: torch.Tensor | None  # which pooled view of each image (B,), when a view pool is used
+    mix: Mix | None = None  # how a pooled view blended the images, when its pool blends
+
+
+def blend(batch: Batch, partners: Batch, share: torch.Tensor) -> Batch:
+    """Image i of `batch` blended with image i of `partners`, share[i] of it its own: the batch keeps
+    its indices and views (a cached view's logits are those of the blend), its label is the larger part's."""
+    lam = share.view(-1, *[1] * (batch.x.dim() - 1))
+    x = lam * batch.x + (1 - lam) * partners.x
+    y = torch.where(share >= 0.5, batch.y, partners.y)
+    return batch._replace(x=x, y=y, mix=Mix(batch.y, partners.y, share))
 
 
 def _generator(*seeds: int) -> torch.Generator:
@@ -43,25 +67,64 @@ def _generator(*seeds: int) -> torch.Generator:
 class ViewPool:
     """A pool of `size` augmented views per image. View v of every image is drawn on the CPU from its own
     generator (pool_seed, v), so a view is the same whatever the pool's size, the run's seed or its
-    device, and is made only when first asked for. Without augmentation the pool is one view: the image."""
+    device, and is made only when first asked for. Without augmentation or mixup the pool is one view:
+    the image.
 
-    def __init__(self, n: int, augment: Augment | None, size: int, pool_seed: int):
-        self.n, self.augment, self.pool_seed = n, augment, pool_seed
-        self.size = size if augment is not None else 1
+    With `mixup` (a Beta concentration a > 0) view v also blends each image i with a partner: the
+    view is lam_i * (view v of i) + (1 - lam_i) * (view v of partner_i), partner a permutation of the
+    split and lam_i ~ Beta(a, a), both drawn from (pool_seed, v, 1). A blend is then as exactly
+    replayable as a crop, so the teachers' logits of the blended images can be cached: mixup's
+    "function matching" at the cost of replayed logits. One lam per image, where online mixup
+    (kd.engine.Mixup) draws one per batch and pairs images within it."""
+
+    def __init__(self, n: int, augment: Augment | None, size: int, pool_seed: int, mixup: float = 0.0):
+        self.n, self.augment, self.pool_seed, self.mixup = n, augment, pool_seed, mixup
+        self.size = size if self.varies else 1
         self._last: tuple[int, torch.Tensor] | None = None
+        self._last_blend: tuple[int, torch.Tensor, torch.Tensor] | None = None
 
     def __len__(self) -> int:
         return self.size
 
-    def params(self, view: int) -> torch.Tensor:
-        """(N, P) augmentation parameters of view `view` of every image (zeros without augmentation)."""
+    @property
+    def varies(self) -> bool:
+        """Whether views differ from one another (augmented or blended), so that replaying few costs."""
+        return self.augment is not None or self.mixup > 0
+
+    def _check(self, view: int) -> None:
         if not 0 <= view < self.size:
             raise IndexError(f"view {view} of a pool of {self.size}")
+
+    def params(self, view: int) -> torch.Tensor:
+        """(N, P) augmentation parameters of view `view` of every image (zeros without augmentation)."""
+        self._check(view)
         if self._last is None or self._last[0] != view:  # an epoch asks for one view batch after batch
             params = torch.zeros((self.n, 3), dtype=torch.long) if self.augment is None else \
                 self.augment.sample(self.n, _generator(self.pool_seed, view))
             self._last = (view, params)
         return self._last[1]
+
+    def blend(self, view: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(partner (N,), share (N,) float32) of view `view`: whom each image is blended with, and lam."""
+        if not self.mixup:
+            raise ValueError("this view pool does not blend (mixup is 0)")
+        self._check(view)
+        if self._last_blend is None or self._last_blend[0] != view:
+            g = _generator(self.pool_seed, view, 1)
+            partner = torch.randperm(self.n, generator=g)
+            # torch's Beta sampler takes no generator; numpy's does, seeded from this view's
+            beta = np.random.default_rng(int(torch.randint(2 ** 62, (1,), generator=g)))
+            share = torch.from_numpy(beta.beta(self.mixup, self.mixup, self.n).astype(np.float32))
+            self._last_blend = (view, partner, share)
+        return self._last_blend[1:]
+
+    def blend_at(self, view: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(partner (B,), share (B,)) of pooled view view[i] of image index[i] (CPU tensors in and out)."""
+        partner, share = torch.empty_like(index), torch.empty(len(index))
+        for v in view.unique().tolist():
+            rows = view == v
+            partner[rows], share[rows] = (t[index[rows]] for t in self.blend(v))
+        return partner, share
 
     def params_at(self, view: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """(B, P) parameters of pooled view view[i] of image index[i] (CPU tensors in and out)."""
@@ -72,8 +135,12 @@ class ViewPool:
         return out
 
     def fingerprint(self, view: int) -> str:
-        """A hash of view `view`'s exact parameters (every crop offset and flip, not only their seed)."""
-        return hashlib.sha256(self.params(view).numpy().tobytes()).hexdigest()
+        """A hash of view `view`'s exact parameters (every crop offset and flip, and with mixup every
+        partner and share, not only their seed)."""
+        digest = hashlib.sha256(self.params(view).numpy().tobytes())
+        for part in self.blend(view) if self.mixup else ():
+            digest.update(part.numpy().tobytes())
+        return digest.hexdigest()
 
 
 class BatchPlan:
@@ -147,7 +214,8 @@ class BatchPlan:
 class PlannedBatches:
     """What both data paths share: a split, its augmentation, the pool of views and the BatchPlan.
 
-    With `views=V`, augmentation comes from a `ViewPool` of V views per image drawn from `pool_seed`;
+    With `views=V`, augmentation comes from a `ViewPool` of V views per image drawn from `pool_seed`
+    (blended with `mixup`, the Beta concentration: kd.data's resident batches only);
     epoch e trains on view e mod V. A pooled view can be replayed exactly, so its teacher logits can be
     computed once and cached (kd.cache). With `drop_last` (training) an
     incomplete last batch is left out, as timm's loader does: BatchNorm cannot train on a batch of one
@@ -156,13 +224,16 @@ class PlannedBatches:
 
     def __init__(self, split, batch_size: int, device, *, shuffle: bool = False,
                  augment: AugmentSpec | None = None, seed: int = 0, views: int | None = None,
-                 pool_seed: int = 0, rank: int = 0, world_size: int = 1, drop_last: bool = False):
+                 pool_seed: int = 0, mixup: float = 0.0, rank: int = 0, world_size: int = 1,
+                 drop_last: bool = False):
+        if mixup and not views:
+            raise ValueError("mixup blends pooled views only: give views=V")
         self.split = split
         self.device = torch.device(device)
         self.input_size = input_size(split)
         self.augmenter = make_augment(augment, split.image_shape[-1], self.input_size)
         self.augment = augment if self.augmenter else None  # the spec, for the cache's key
-        self.pool = ViewPool(len(split), self.augmenter, views, pool_seed) if views else None
+        self.pool = ViewPool(len(split), self.augmenter, views, pool_seed, mixup) if views else None
         self.plan = BatchPlan(len(split), batch_size, shuffle=shuffle, augment=self.augmenter, seed=seed,
                               num_views=self.num_views, rank=rank, world_size=world_size, drop_last=drop_last)
 

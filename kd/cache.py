@@ -99,7 +99,7 @@ def cache_key(teacher: str, batches, view: int, precision: str) -> str:
 def repeated_views_note(num_epochs: int, batches) -> str | None:
     """A note when a run's epochs outnumber its pool's augmented views: each image's few crops then
     come back again and again, where online teachers would see fresh ones; None when nothing repeats."""
-    if batches.augment is None or num_epochs <= batches.num_views:
+    if not batches.pool.varies or num_epochs <= batches.num_views:
         return None
     return (f"teacher-logit cache: {num_epochs} epochs replay {batches.num_views} augmented views per image, so "
             f"each view comes back about {num_epochs / batches.num_views:.0f} times; that costs accuracy against "
@@ -122,9 +122,10 @@ def open_teacher_cache(mode: str, pooled, task: TaskConfig, ensemble: TeacherEns
     if num_epochs is not None and (note := repeated_views_note(num_epochs, pooled)):
         log.info(note)  # not a warning: a tuner's trials and every DDP process would repeat it
     identities = [teacher_identity(task.teacher_checkpoint(t), teacher_build(t, task)) for t in task.teachers]
-    log.info("teacher-logit cache: %d teachers x %d views x %d images, %.1f MB %s; each view computed the first "
-             "epoch that trains on it, then kept (%s)", len(identities), pooled.num_views, len(pooled.split),
-             size / 1e6, "on disk" if on_disk(pooled) else "in memory", cache_dir)
+    log.info("teacher-logit cache: %d teachers x %d views%s x %d images, %.1f MB %s; each view computed the first "
+             "epoch that trains on it, then kept (%s)", len(identities), pooled.num_views,
+             " (blended by --mixup)" if pooled.pool.mixup else "", len(pooled.split), size / 1e6,
+             "on disk" if on_disk(pooled) else "in memory", cache_dir)
     return TeacherLogitCache(list(ensemble.models), identities, pooled, precision, Path(cache_dir), world)
 
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from kd.augment import center_crop
-from kd.batches import Batch, PlannedBatches
+from kd.batches import Batch, PlannedBatches, blend
 from kd.config import STORAGES, TaskConfig, list_class_folders
 from kd.errors import UserError
 from kd.images import IMAGE_SUFFIXES, list_images, read_image
@@ -331,8 +331,16 @@ class Batches(PlannedBatches):
             yield self.batch(idx, torch.full_like(idx, view))
 
     def batch(self, idx: torch.Tensor, view: torch.Tensor | None = None) -> Batch:
-        """The images at `idx`: pooled view `view` of each, or un-augmented without views."""
+        """The images at `idx`: pooled view `view` of each (blended with its partner's where the pool
+        blends), or un-augmented without views."""
         idx, view = idx.cpu(), None if view is None else view.cpu()  # the pool's parameters live on the CPU
+        batch = self._view(idx, view)
+        if view is None or not self.pool.mixup:
+            return batch
+        partner, share = self.pool.blend_at(view, idx)
+        return blend(batch, self._view(partner, view), share.to(self.device))
+
+    def _view(self, idx: torch.Tensor, view: torch.Tensor | None) -> Batch:
         params = self.pool.params_at(view, idx) if self.augmenter is not None and view is not None else None
         return self._make_batch(idx, params, view)
 

@@ -147,10 +147,11 @@ class Mixup:
     """Mixup (Zhang et al., 2018): each batch is blended with a shuffled copy of itself, by one weight
     lam ~ Beta(concentration, concentration) per batch, and so are its one-hot labels.
 
-    Teachers run online on the blended images, so their targets describe exactly what the student sees:
-    the "function matching" of Beyer et al. (2022), where mixup is what makes a patient teacher
+    The teachers' targets are those of the blended images, so they describe exactly what the student
+    sees: the "function matching" of Beyer et al. (2022), where mixup is what makes a patient teacher
     consistent. Draws come from torch's global generators, which checkpoints save, so a resumed run
-    blends as the uninterrupted one would.
+    blends as the uninterrupted one would. A batch of a view pool that blends (kd.batches.ViewPool,
+    whose blends the teacher-logit cache holds) is blended already and only gets its soft labels.
     """
 
     concentration: float
@@ -158,6 +159,8 @@ class Mixup:
 
     def __call__(self, batch: Batch) -> tuple[Batch, torch.Tensor]:
         """(the blended batch, its soft labels (B, C)); the batch's labels stay the larger part's."""
+        if batch.mix is not None:
+            return batch, batch.mix.soft_labels(self.num_classes)
         lam = torch.distributions.Beta(self.concentration, self.concentration).sample().item()
         order = torch.randperm(len(batch.y), device=batch.x.device)
         labels = F.one_hot(batch.y, self.num_classes).float()

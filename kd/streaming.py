@@ -109,6 +109,8 @@ class StreamBatches(PlannedBatches):
     """
 
     def __init__(self, split: FileSplit, batch_size: int, device, **options):
+        if options.get("mixup"):  # a blend would need its partner's file decoded beside each image's
+            raise ValueError("a streamed split's pooled views are not blended; its mixup runs online (kd.engine.Mixup)")
         super().__init__(split, batch_size, device, **options)
         self.reported: set[str] = set()
         self._loader = self._make_loader(PlanItems(self.plan, self.pool, self.augmenter), persistent=True)

@@ -38,6 +38,7 @@ from kd.record import (LAST_CHECKPOINT, RunRecord, check_output_dir, create_run_
 from kd.resume import RunCheckpoints, extend_to, resumed_settings
 from kd.runs import MetricsLog, log_to_file, setup_logging
 from kd.settings import TrainSettings, canonical_student_name, settings_problem
+from kd.streaming import FileSplit
 from kd.students import student_build, with_stride_reduction
 from kd.teachers import TeacherEnsemble, load_teacher, teacher_accuracies, teacher_build
 
@@ -436,26 +437,30 @@ def _wrap_for_training(student: nn.Module, settings: TrainSettings, device: torc
 
 def _teacher_source(settings: TrainSettings, task: TaskConfig, data: TaskData, ensemble, precision: Precision,
                     world: World):
-    """(training batches, teacher logits per batch): replayed from the cache, run online, or None."""
-    def batches(views):
+    """(training batches, teacher logits per batch): replayed from the cache, run online, or None. With
+    --mixup the cache holds the logits of a pool of blended views; a streamed folder's pool does not
+    blend (kd.streaming), so there the teachers run online on batches blended as they come."""
+    def batches(views, mixup=0.0):
         return data.train.batches(settings.batch_size, precision.device, shuffle=True, augment=task.augment,
-                                  seed=settings.seed, views=views, pool_seed=task.data.split_seed, rank=world.rank,
-                                  world_size=world.size, drop_last=True)
+                                  seed=settings.seed, views=views, pool_seed=task.data.split_seed, mixup=mixup,
+                                  rank=world.rank, world_size=world.size, drop_last=True)
 
     if ensemble is None:
         return batches(None), None
-    if settings.mixup:
-        if settings.teacher_cache == "on":
-            raise UserError("--mixup blends images the teacher-logit cache has no logits for; use --teacher_cache "
-                            "auto or off (the teachers then run online)")
-        log.info("the teachers run online on the blended images of --mixup (the logit cache holds none)")
-        return batches(None), online_teachers(ensemble)
-    if settings.teacher_cache != "off":
-        pooled = batches(settings.teacher_cache_views or settings.num_epochs)
+    online_mixup = settings.mixup and isinstance(data.train, FileSplit)
+    if online_mixup and settings.teacher_cache == "on":
+        raise UserError("--mixup on a streamed image folder: its views are blended as they come, which the "
+                        "teacher-logit cache has no logits for; use --teacher_cache auto or off (the teachers "
+                        "then run online)")
+    if settings.teacher_cache != "off" and not online_mixup:
+        pooled = batches(settings.teacher_cache_views or settings.num_epochs, settings.mixup)
         cache = open_teacher_cache(settings.teacher_cache, pooled, task, ensemble, precision, Path(settings.cache_dir),
                                    world, settings.num_epochs)
         if cache is not None:
             return pooled, cache
+    if online_mixup:
+        log.info("the teachers run online on the blended images of --mixup (a streamed folder's views are blended "
+                 "as they come, which the logit cache holds none of)")
     return batches(None), online_teachers(ensemble)
 
 

@@ -4,6 +4,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import kd.data
 from kd.config import AugmentSpec, load_task_config, parse_task_config
@@ -114,8 +115,8 @@ def test_batches_cover_each_sample_once_and_replay_per_epoch():
     second = [b.y.tolist() for b in batches]
     batches.set_epoch(0)
     assert [b.y.tolist() for b in batches] == first != second
-    x, y, index, view = next(iter(batches))
-    assert torch.equal(split.labels[index], y) and view is None
+    x, y, index, view, mix = next(iter(batches))
+    assert torch.equal(split.labels[index], y) and view is None and mix is None
     assert x.dtype == torch.float32 and torch.allclose(x[:, 0, 0, 0] * 255, y.float())
 
 
@@ -133,6 +134,44 @@ def test_view_pool_replays_the_same_views():
     views = [torch.equal(batches.batch(torch.arange(20), torch.full((20,), v)).x,
                          batches.batch(torch.arange(20), torch.zeros(20, dtype=torch.long)).x) for v in range(3)]
     assert views == [True, False, False]  # the pool's views differ from each other
+
+
+def test_a_blending_pool_blends_each_image_with_its_partner_by_its_own_share():
+    split = Split(torch.randint(0, 256, (30, 1, 6, 6), dtype=torch.uint8), torch.arange(30) % 4)
+    spec = AugmentSpec(crop_padding=2, hflip=True)
+    blended = Batches(split, 8, "cpu", shuffle=True, augment=spec, seed=1, views=3, pool_seed=7, mixup=0.4)
+    plain = Batches(split, 8, "cpu", augment=spec, views=3, pool_seed=7)  # the same views, unblended
+    for epoch in range(3):
+        blended.set_epoch(epoch)
+        for batch in blended:
+            partner, share = blended.pool.blend_at(batch.view, batch.index)
+            own, other = plain.batch(batch.index, batch.view), plain.batch(partner, batch.view)
+            lam = share.view(-1, 1, 1, 1)
+            assert torch.allclose(batch.x, lam * own.x + (1 - lam) * other.x)
+            assert torch.equal(batch.y, torch.where(share >= 0.5, own.y, other.y))  # the larger part's label
+            lam = share.unsqueeze(1)  # the labels blended as the images were
+            assert torch.allclose(batch.mix.soft_labels(4), lam * F.one_hot(own.y, 4) + (1 - lam) * F.one_hot(other.y, 4))
+            assert torch.equal(batch.index, own.index)  # a blend is filed under its own image (the cache's row)
+    partner, share = blended.pool.blend(0)
+    assert sorted(partner.tolist()) == list(range(30)) and ((0 < share) & (share < 1)).all()
+    assert not torch.equal(partner, blended.pool.blend(1)[0])  # each view pairs anew
+
+
+def test_a_blend_is_the_same_whatever_the_run_seed_or_the_pool_size():
+    split = Split(torch.randint(0, 256, (30, 1, 6, 6), dtype=torch.uint8), torch.arange(30) % 4)
+    pools = [Batches(split, 8, "cpu", shuffle=True, seed=seed, views=views, pool_seed=7, mixup=0.4).pool
+             for seed, views in ((1, 3), (99, 50))]
+    assert all(torch.equal(a, b) for a, b in zip(pools[0].blend(2), pools[1].blend(2)))
+    other_seed = Batches(split, 8, "cpu", views=3, pool_seed=8, mixup=0.4).pool
+    assert not torch.equal(pools[0].blend(2)[1], other_seed.blend(2)[1])
+
+
+def test_only_pooled_views_blend():
+    split = Split(torch.zeros((4, 1, 4, 4), dtype=torch.uint8), torch.arange(4))
+    with pytest.raises(ValueError, match="mixup blends pooled views only"):
+        Batches(split, 2, "cpu", mixup=0.4)
+    with pytest.raises(ValueError, match="does not blend"):
+        Batches(split, 2, "cpu", views=2).pool.blend(0)
 
 
 def test_view_pool_without_augmentation_is_the_image_itself():

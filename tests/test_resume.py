@@ -42,11 +42,13 @@ def test_killed_run_resumes_bit_for_bit(tmp_path, tiny_teachers, tiny_students, 
     assert_same_run(reference, resumed)  # identical metrics and weights: determinism and exact resume at once
 
 
-def test_a_resumed_mixup_run_blends_as_the_uninterrupted_one(tmp_path, tiny_teachers, tiny_students, capsys):
-    """mixup draws from the global generators, which checkpoints save: stopping after epoch 1 changes nothing."""
+@pytest.mark.parametrize("cache", ["off", "auto"])
+def test_a_resumed_mixup_run_blends_as_the_uninterrupted_one(tmp_path, tiny_teachers, tiny_students, capsys, cache):
+    """Online mixup draws from the global generators, which checkpoints save; the cache's blends are the
+    pool's (kd.batches.ViewPool): either way, stopping after epoch 1 changes nothing."""
     config = write_task(tmp_path, tiny_teachers)
     args = ["--config", str(config), "--alpha", "0.5", "--mixup", "0.4", "--student_model", "MobileNetV3",
-            "--batch_size", "256", "--device", "cpu", "--teacher_cache", "off"]
+            "--batch_size", "256", "--device", "cpu", "--teacher_cache", cache, "--cache_dir", str(tmp_path / "cache")]
     reference = run_in_process(args + ["--num_epochs", "2", "--output_dir", str(tmp_path / "ref")], capsys)
     stopped = run_in_process(args + ["--num_epochs", "1", "--output_dir", str(tmp_path / "stopped")], capsys)
     resumed = run_in_process(args + ["--num_epochs", "2", "--output_dir", str(tmp_path / "stopped"), "--resume",

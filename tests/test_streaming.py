@@ -200,6 +200,16 @@ def test_a_cache_too_large_for_the_disk_budget_is_refused_with_its_size(folder_t
     assert not list((tmp_path / "cache").glob("*")) and (run / "checkpoint_last.pt").is_file()
 
 
+def test_mixup_on_a_streamed_folder_runs_the_teachers_online(folder_task, tmp_path, tiny_students):
+    """A streamed pool does not blend (a blend would decode two files per image), so there is no cached blend."""
+    with pytest.raises(UserError, match="--mixup on a streamed image folder: its views are blended as they come"):
+        train_student(stream_settings(folder_task, tmp_path, mixup=0.4))
+    assert not list((tmp_path / "runs").glob("*"))
+    run = train_student(stream_settings(folder_task, tmp_path, mixup=0.4, teacher_cache="auto", num_epochs=1))
+    assert "the teachers run online on the blended images of --mixup" in (run / "train.log").read_text()
+    assert not list((tmp_path / "cache").glob("*")) and (run / "checkpoint_last.pt").is_file()
+
+
 def test_a_run_refuses_to_resume_on_changed_data(folder_task, tmp_path):
     run = train_student(stream_settings(folder_task, tmp_path, num_epochs=1, alpha=0.0))
     write_colour_folder(folder_task.parent / "extra")

@@ -209,13 +209,6 @@ def test_study_records_summarises_and_resumes(tmp_path, tiny_teachers, tiny_stud
     assert f"| uniform | {statistics.fmean([acc['uniform', 1], acc['uniform', 2]]):.2f} ± " in narrower
 
 
-def test_mixup_is_refused_with_cached_arms_before_any_run():
-    plan = StudyPlan("A", students=("MobileNetV3",), arms=("alpha0", "uniform"), settings={"mixup": 0.4})
-    with pytest.raises(UserError, match="--set mixup needs the teachers online, but arm 'uniform' replays"):
-        check_plan(plan)
-    check_plan(dataclasses.replace(plan, arms=("alpha0", "uniform_online")))
-
-
 def test_alpha_0_is_refused_for_the_kd_arms_before_any_run():
     plan = StudyPlan("A", students=("MobileNetV3",), arms=("alpha0", "uniform"), settings={"alpha": 0.0})
     with pytest.raises(UserError, match="--alpha 0 would make every KD arm a copy of alpha0"):

@@ -24,6 +24,7 @@ from kd.record import create_run_dir, run_name
 from kd.teachers import TeacherEnsemble
 from kd.training import RunHooks, TrainSettings, train_student
 from tests.conftest import write_task
+from tests.test_resume import assert_same_run
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -95,16 +96,31 @@ def test_mixup_blends_images_and_labels_alike_and_the_teachers_see_the_blend():
     assert seen[0].shape == batch.x.shape and not torch.equal(seen[0], batch.x)
 
 
-def test_mixup_needs_online_teachers_and_runs_them_when_the_cache_is_auto(tmp_path, tiny_teachers, tiny_students):
-    settings = TrainSettings(task=str(write_task(tmp_path, tiny_teachers)), num_epochs=1, batch_size=128,
+def test_mixup_distils_from_cached_blends_and_a_later_run_replays_them_exactly(tmp_path, tiny_teachers,
+                                                                              tiny_students):
+    settings = TrainSettings(task=str(write_task(tmp_path, tiny_teachers)), num_epochs=2, batch_size=128,
                              alpha=0.5, mixup=0.4, student_model="mobilenetv3", device="cpu",
-                             output_dir=str(tmp_path / "runs"), teacher_cache="on", cache_dir=str(tmp_path / "cache"))
-    with pytest.raises(UserError, match="--mixup blends images the teacher-logit cache has no logits for"):
-        train_student(settings)
-    run_dir = train_student(dataclasses.replace(settings, teacher_cache="auto"))
-    assert not (tmp_path / "cache").exists() and (run_dir / "student.safetensors").is_file()
-    assert "the teachers run online on the blended images of --mixup" in (run_dir / "train.log").read_text()
-    assert yaml.safe_load((run_dir / "config.yaml").read_text())["settings"]["mixup"] == 0.4
+                             output_dir=str(tmp_path / "first"), cache_dir=str(tmp_path / "cache"))
+    first = train_student(settings)
+    files = sorted((tmp_path / "cache").iterdir())
+    assert len(files) == 4  # 2 teachers x 2 blended views, one per epoch
+    assert "x 2 views (blended by --mixup)" in (first / "train.log").read_text()
+    second = train_student(dataclasses.replace(settings, output_dir=str(tmp_path / "second")))
+    assert sorted((tmp_path / "cache").iterdir()) == files
+    assert_same_run(first, second)  # the same run whether its blends' logits existed before or not
+    online = train_student(dataclasses.replace(settings, teacher_cache="off", output_dir=str(tmp_path / "online"),
+                                               cache_dir=str(tmp_path / "unused")))
+    assert not (tmp_path / "unused").exists() and (online / "student.safetensors").is_file()
+    assert yaml.safe_load((online / "config.yaml").read_text())["settings"]["mixup"] == 0.4
+
+
+def test_mixup_of_a_pooled_batch_gives_its_blend_s_labels_and_draws_nothing():
+    split = Split(torch.randint(0, 256, (12, 1, 4, 4), dtype=torch.uint8), torch.arange(12) % 3)
+    batch = next(iter(Batches(split, 12, "cpu", views=2, mixup=0.4)))
+    state = torch.get_rng_state()
+    blended, soft = Mixup(0.4, 3)(batch)
+    assert blended is batch and torch.equal(soft, batch.mix.soft_labels(3))
+    assert torch.equal(torch.get_rng_state(), state)  # a resumed run draws where the uninterrupted one did
 
 
 @pytest.fixture

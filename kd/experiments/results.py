@@ -174,8 +174,9 @@ def readme_table(studies: list[Study]) -> list[str]:
              "vs labels only, paired: mean [95% CI] pts | verdict | test images |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name in HEADLINES:
-        # a folder may hold several experiments (other teachers, budgets): the one of the most seeds
-        for study in sorted((s for s in studies if s.name == name), key=lambda s: -s.seeds)[:1]:
+        # a folder may hold several experiments (other teachers, budgets): the one of the most seeds, of
+        # equals the latest in runs.csv (an earlier one may have learnt from teachers since retrained)
+        for study in sorted(reversed([s for s in studies if s.name == name]), key=lambda s: -s.seeds)[:1]:
             for arm in (study.baseline, study.best):
                 if arm is not None:
                     lines.append(f"| {study.task} | {study.student} | `{study.budget}` | {arm.arm} | "

@@ -64,7 +64,7 @@ ARMS = {
     # against "uniform": does the cache cost accuracy against online teachers?
     "uniform_online": Arm(True, "uniform", "off"),
     # every other distillation method, uniformly weighted: an arm of its own name, from the cache where
-    # the run can use one (with mixup the teachers run online on the blended images)
+    # the run can use one (a streamed folder's runs with mixup run the teachers online)
     **{name: Arm(True, "uniform", "auto", name) for name in METHODS if name != "kd"},
     # and with the label-aware weighting (as CA-MKD), which "confidence" gives kd
     **{f"{name}_confidence": Arm(True, "confidence", "auto", name) for name in METHODS if name != "kd"},
@@ -222,10 +222,6 @@ def check_plan(plan: StudyPlan) -> StudyPlan:
             raise UserError(f"no {name} given; pass at least one to --{name}")
     if plan.settings.get("alpha") == 0 and any(ARMS[arm].kd for arm in plan.arms):
         raise UserError("--alpha 0 would make every KD arm a copy of alpha0; give the KD arms' alpha (> 0)")
-    cached = [arm for arm in plan.arms if ARMS[arm].cache == "on"]
-    if plan.settings.get("mixup") and cached:
-        raise UserError(f"--set mixup needs the teachers online, but arm {cached[0]!r} replays cached logits; "
-                        "use uniform_online (and alpha0)")
     students = tuple(dict.fromkeys(canonical_student_name(s) for s in plan.students))
     return dataclasses.replace(plan, students=students, seeds=tuple(dict.fromkeys(plan.seeds)),
                                arms=tuple(dict.fromkeys(plan.arms)))
@@ -459,10 +455,11 @@ def format_study_summary(task: TaskConfig, plan: StudyPlan, base: TrainSettings,
                 if others else "") + ". Test accuracy is that of each run's "
              "best-validation checkpoint. Arms: alpha0 = labels only; uniform, entropy, confidence = KD with that "
              "teacher weighting from the teacher-logit cache "
-             f"({base.teacher_cache_views or base.num_epochs} views per image); "
+             f"({base.teacher_cache_views or base.num_epochs} views per image"
+             f"{', each blended with a partner: mixup' if base.mixup else ''}); "
              "uniform_online = uniform KD with the teachers run online on fresh augmentation; "
              + ", ".join(name for name in METHODS if name != "kd") + " = that distillation method (--kd_loss), "
-             "uniformly weighted, from the cache (online under mixup), and <method>_confidence the same with "
+             "uniformly weighted, from the cache, and <method>_confidence the same with "
              "the confidence weighting. KD runs count only "
              "beside the teacher checkpoints they learnt from (runs.csv's teachers column), those below.", "",
              VERDICT_RULE, ""]
