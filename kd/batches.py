@@ -23,14 +23,15 @@ Augment = PadCropFlip | PhotoAugment
 
 class Mix(NamedTuple):
     """How a pooled view blended each image of a batch with a partner (see `ViewPool`)."""
-    own: torch.Tensor  # each image's label (B,)
-    partner: torch.Tensor  # its partner's label (B,)
-    share: torch.Tensor  # the image's own share of the blend, lam (B,)
+    own_label: torch.Tensor  # each image's label (B,)
+    partner_label: torch.Tensor  # its partner's label (B,)
+    share: torch.Tensor  # the image's own share of the blend, mixup's lam (B,)
 
     def soft_labels(self, num_classes: int) -> torch.Tensor:
         """The blend's labels as class probabilities (B, C), blended as the images were."""
         share = self.share.unsqueeze(1)
-        return share * F.one_hot(self.own, num_classes) + (1 - share) * F.one_hot(self.partner, num_classes)
+        return share * F.one_hot(self.own_label, num_classes) + (1 - share) * F.one_hot(self.partner_label,
+                                                                                          num_classes)
 
 
 class Batch(NamedTuple):
@@ -64,6 +65,14 @@ def _generator(*seeds: int) -> torch.Generator:
     return g
 
 
+def _rows_of_views(table, view: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """`out` filled with row index[i] of table(view[i]), a per-view (N, ...) tensor, asking once per view."""
+    for v in view.unique().tolist():
+        rows = view == v
+        out[rows] = table(v)[index[rows]]
+    return out
+
+
 class ViewPool:
     """A pool of `size` augmented views per image. View v of every image is drawn on the CPU from its own
     generator (pool_seed, v), so a view is the same whatever the pool's size, the run's seed or its
@@ -81,7 +90,7 @@ class ViewPool:
         self.n, self.augment, self.pool_seed, self.mixup = n, augment, pool_seed, mixup
         self.size = size if self.varies else 1
         self._last: tuple[int, torch.Tensor] | None = None
-        self._last_blend: tuple[int, torch.Tensor, torch.Tensor] | None = None
+        self._last_pairing: tuple[int, torch.Tensor, torch.Tensor] | None = None
 
     def __len__(self) -> int:
         return self.size
@@ -104,41 +113,35 @@ class ViewPool:
             self._last = (view, params)
         return self._last[1]
 
-    def blend(self, view: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(partner (N,), share (N,) float32) of view `view`: whom each image is blended with, and lam."""
+    def pairing(self, view: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(partner (N,), share (N,) float32) of view `view`: whom each image is blended with, and its lam."""
         if not self.mixup:
             raise ValueError("this view pool does not blend (mixup is 0)")
         self._check(view)
-        if self._last_blend is None or self._last_blend[0] != view:
+        if self._last_pairing is None or self._last_pairing[0] != view:
             g = _generator(self.pool_seed, view, 1)
             partner = torch.randperm(self.n, generator=g)
             # torch's Beta sampler takes no generator; numpy's does, seeded from this view's
             beta = np.random.default_rng(int(torch.randint(2 ** 62, (1,), generator=g)))
             share = torch.from_numpy(beta.beta(self.mixup, self.mixup, self.n).astype(np.float32))
-            self._last_blend = (view, partner, share)
-        return self._last_blend[1:]
+            self._last_pairing = (view, partner, share)
+        return self._last_pairing[1:]
 
-    def blend_at(self, view: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def pairing_at(self, view: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(partner (B,), share (B,)) of pooled view view[i] of image index[i] (CPU tensors in and out)."""
-        partner, share = torch.empty_like(index), torch.empty(len(index))
-        for v in view.unique().tolist():
-            rows = view == v
-            partner[rows], share[rows] = (t[index[rows]] for t in self.blend(v))
-        return partner, share
+        return (_rows_of_views(lambda v: self.pairing(v)[0], view, index, torch.empty_like(index)),
+                _rows_of_views(lambda v: self.pairing(v)[1], view, index, torch.empty(len(index))))
 
     def params_at(self, view: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """(B, P) parameters of pooled view view[i] of image index[i] (CPU tensors in and out)."""
         out = torch.empty((len(index), 3 if self.augment is None else self.augment.width), dtype=torch.long)
-        for v in view.unique().tolist():
-            rows = view == v
-            out[rows] = self.params(v)[index[rows]]
-        return out
+        return _rows_of_views(self.params, view, index, out)
 
     def fingerprint(self, view: int) -> str:
         """A hash of view `view`'s exact parameters (every crop offset and flip, and with mixup every
         partner and share, not only their seed)."""
         digest = hashlib.sha256(self.params(view).numpy().tobytes())
-        for part in self.blend(view) if self.mixup else ():
+        for part in self.pairing(view) if self.mixup else ():
             digest.update(part.numpy().tobytes())
         return digest.hexdigest()
 

@@ -11,10 +11,11 @@ the logits a run trains on are the same floats whether the files existed before 
 
 A file is keyed by everything that determines its logits: the teacher (its checkpoint's hash and how
 it is built and fed: architecture, halvings, normalisation, input size, channels), the training data's
-fingerprint and image shape, the view's exact parameters and the precision of the teachers' forward
-pass. A sweep over lr, temperature, alpha, seed, student or epochs reuses the files; a changed teacher,
-dataset, view or precision is never served stale logits. Views are drawn on the CPU whatever the
-training device (kd.data), so files built on one device serve runs on another.
+fingerprint and image shape, the view's exact parameters (with --mixup its partners and lams too) and the
+precision of the teachers' forward pass. A sweep over lr, temperature, alpha, seed, student or epochs
+reuses the files; a changed teacher, dataset, view or precision is never served stale logits. Views are
+drawn on the CPU whatever the training device (kd.data), so files built on one device serve runs on
+another.
 
 In memory the cache is one (K, V, N, C) tensor on the training device. For a streamed split
 (kd.streaming) each teacher's view is a (N, C) .npy file on disk, written batch by batch while it is
@@ -89,7 +90,8 @@ def teacher_identity(checkpoint: Path, build: ModelBuild) -> str:
 def cache_key(teacher: str, batches, view: int, precision: str) -> str:
     """Everything that determines one teacher's logits for one pooled view: the teacher (see
     `teacher_identity`), the images and their decoded shape, the view's exact parameters (crop offsets
-    and flips, not only the seed they were drawn from) and the precision the teacher ran in."""
+    and flips, with mixup every partner and lam, not only the seed they were drawn from) and the precision
+    the teacher ran in."""
     parts = {"teacher": teacher, "data": batches.split.fingerprint, "shape": list(batches.split.image_shape),
              "view": batches.pool.fingerprint(view), "augment": asdict(batches.augment) if batches.augment else None,
              "precision": precision, "format": FORMAT}
@@ -97,11 +99,12 @@ def cache_key(teacher: str, batches, view: int, precision: str) -> str:
 
 
 def repeated_views_note(num_epochs: int, batches) -> str | None:
-    """A note when a run's epochs outnumber its pool's augmented views: each image's few crops then
-    come back again and again, where online teachers would see fresh ones; None when nothing repeats."""
+    """A note when a run's epochs outnumber its pool's views (augmented or blended): each image's few
+    views then come back again and again, where online teachers would see fresh ones; None when nothing
+    repeats."""
     if not batches.pool.varies or num_epochs <= batches.num_views:
         return None
-    return (f"teacher-logit cache: {num_epochs} epochs replay {batches.num_views} augmented views per image, so "
+    return (f"teacher-logit cache: {num_epochs} epochs replay {batches.num_views} views per image, so "
             f"each view comes back about {num_epochs / batches.num_views:.0f} times; that costs accuracy against "
             f"online teachers (docs/cache-resume-torchrun.md): the default --teacher_cache_views (the run's "
             "epochs) or --teacher_cache off avoids it")

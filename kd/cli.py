@@ -180,8 +180,9 @@ def add_training_arguments(p: argparse.ArgumentParser, names: Collection[str] | 
              "from a local weights file of its architecture (.safetensors, .pth); its classifier is replaced "
              "and starts at zero")
     add("--mixup", type=bounded_float(0.0), default=DEFAULTS.mixup, metavar="A",
-                   help="blend each training batch with a shuffled copy by lam ~ Beta(A, A), labels too; the "
-                        "teachers run online on the blended images (function matching). 0: off; 0.2-1 usual")
+                   help="blend each training image with another by lam ~ Beta(A, A), labels too; the teachers' "
+                        "targets are those of the blends, cached like any view (function matching). 0: off; "
+                        "0.2-1 usual")
     add("--warmup_epochs", type=bounded_float(0.0), default=DEFAULTS.warmup_epochs, metavar="E",
         help="raise the learning rate linearly from --lr / steps to the schedule's rate over the first E epochs "
              "(fractions allowed), step by step; with --lr_schedule cosine, a one-cycle schedule. 0: none")

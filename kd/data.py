@@ -337,7 +337,7 @@ class Batches(PlannedBatches):
         batch = self._view(idx, view)
         if view is None or not self.pool.mixup:
             return batch
-        partner, share = self.pool.blend_at(view, idx)
+        partner, share = self.pool.pairing_at(view, idx)
         return blend(batch, self._view(partner, view), share.to(self.device))
 
     def _view(self, idx: torch.Tensor, view: torch.Tensor | None) -> Batch:

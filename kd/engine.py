@@ -204,6 +204,8 @@ def train_one_epoch(model: nn.Module, batches: Iterable[Batch], optimizer: torch
     for i, batch in enumerate(tqdm(batches, desc=desc, leave=False, dynamic_ncols=True, disable=not progress)):
         if warmup is not None and first_step + i < warmup.steps:
             set_rates(optimizer, scheduled, warmup.factor(first_step + i))
+        if batch.mix is not None and mixup is None:  # its hard label alone would hide the blend's other part
+            raise ValueError("a blended batch (a view pool with mixup) needs mixup= for its soft labels")
         batch, targets = mixup(batch) if mixup else (batch, batch.y)
         x, y = batch.x, batch.y
         with precision.autocast():

@@ -439,7 +439,7 @@ def _teacher_source(settings: TrainSettings, task: TaskConfig, data: TaskData, e
                     world: World):
     """(training batches, teacher logits per batch): replayed from the cache, run online, or None. With
     --mixup the cache holds the logits of a pool of blended views; a streamed folder's pool does not
-    blend (kd.streaming), so there the teachers run online on batches blended as they come."""
+    blend (kd.streaming), so there the teachers run online on each batch as kd.engine.Mixup blends it."""
     def batches(views, mixup=0.0):
         return data.train.batches(settings.batch_size, precision.device, shuffle=True, augment=task.augment,
                                   seed=settings.seed, views=views, pool_seed=task.data.split_seed, mixup=mixup,
@@ -447,20 +447,20 @@ def _teacher_source(settings: TrainSettings, task: TaskConfig, data: TaskData, e
 
     if ensemble is None:
         return batches(None), None
-    online_mixup = settings.mixup and isinstance(data.train, FileSplit)
-    if online_mixup and settings.teacher_cache == "on":
-        raise UserError("--mixup on a streamed image folder: its views are blended as they come, which the "
+    streamed_mixup = settings.mixup > 0 and isinstance(data.train, FileSplit)
+    if streamed_mixup and settings.teacher_cache == "on":
+        raise UserError("--mixup on a streamed image folder: its batches are blended as they come, which the "
                         "teacher-logit cache has no logits for; use --teacher_cache auto or off (the teachers "
                         "then run online)")
-    if settings.teacher_cache != "off" and not online_mixup:
+    if settings.teacher_cache != "off" and not streamed_mixup:
         pooled = batches(settings.teacher_cache_views or settings.num_epochs, settings.mixup)
         cache = open_teacher_cache(settings.teacher_cache, pooled, task, ensemble, precision, Path(settings.cache_dir),
                                    world, settings.num_epochs)
         if cache is not None:
             return pooled, cache
-    if online_mixup:
-        log.info("the teachers run online on the blended images of --mixup (a streamed folder's views are blended "
-                 "as they come, which the logit cache holds none of)")
+    if streamed_mixup:
+        log.info("the teachers run online on the blended images of --mixup (a streamed folder's batches are "
+                 "blended as they come, which the logit cache holds none of)")
     return batches(None), online_teachers(ensemble)
 
 

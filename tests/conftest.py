@@ -121,6 +121,17 @@ def with_random_head(model):
     return model
 
 
+def assert_same_run(a: Path, b: Path) -> None:
+    """Two run folders hold the same metrics and the same final weights, bit for bit."""
+    from kd.checkpoint import load_torch_checkpoint
+
+    assert (a / "metrics.csv").read_text() == (b / "metrics.csv").read_text()
+    state_a = load_torch_checkpoint(a / "checkpoint_last.pt")
+    state_b = load_torch_checkpoint(b / "checkpoint_last.pt")
+    assert state_a["model"].keys() == state_b["model"].keys()
+    assert all((state_a["model"][k] == state_b["model"][k]).all() for k in state_a["model"])
+
+
 def run_in_process(train_argv: list[str], capsys) -> Path:
     """`python train.py ARGV` in this process (a new process spends seconds importing torch and timm):
     the run folder it prints."""

@@ -167,9 +167,9 @@ def test_a_batch_without_pooled_views_is_refused(tmp_path):
 def test_a_run_longer_than_the_pool_of_views_is_warned_that_its_crops_repeat(tmp_path):
     _, _, batches = setup(tmp_path, views=4)
     note = repeated_views_note(20, batches)
-    assert "20 epochs replay 4 augmented views" in note and "the default --teacher_cache_views" in note
+    assert "20 epochs replay 4 views" in note and "the default --teacher_cache_views" in note
     assert repeated_views_note(4, batches) is None  # every epoch can still get a view of its own
     _, _, plain = setup(tmp_path, augment=AugmentSpec(), views=4)
     assert repeated_views_note(20, plain) is None  # without augmentation online teachers see the same image
     _, _, blended = setup(tmp_path, augment=AugmentSpec(), views=4, mixup=0.4)
-    assert "20 epochs replay 4 augmented views" in repeated_views_note(20, blended)  # but not the same blend
+    assert "20 epochs replay 4 views" in repeated_views_note(20, blended)  # but not the same blend

@@ -144,26 +144,49 @@ def test_a_blending_pool_blends_each_image_with_its_partner_by_its_own_share():
     for epoch in range(3):
         blended.set_epoch(epoch)
         for batch in blended:
-            partner, share = blended.pool.blend_at(batch.view, batch.index)
+            partner, share = blended.pool.pairing_at(batch.view, batch.index)
             own, other = plain.batch(batch.index, batch.view), plain.batch(partner, batch.view)
             lam = share.view(-1, 1, 1, 1)
             assert torch.allclose(batch.x, lam * own.x + (1 - lam) * other.x)
             assert torch.equal(batch.y, torch.where(share >= 0.5, own.y, other.y))  # the larger part's label
             lam = share.unsqueeze(1)  # the labels blended as the images were
-            assert torch.allclose(batch.mix.soft_labels(4), lam * F.one_hot(own.y, 4) + (1 - lam) * F.one_hot(other.y, 4))
+            expected = lam * F.one_hot(own.y, 4) + (1 - lam) * F.one_hot(other.y, 4)
+            assert torch.allclose(batch.mix.soft_labels(4), expected)
             assert torch.equal(batch.index, own.index)  # a blend is filed under its own image (the cache's row)
-    partner, share = blended.pool.blend(0)
+    partner, share = blended.pool.pairing(0)
     assert sorted(partner.tolist()) == list(range(30)) and ((0 < share) & (share < 1)).all()
-    assert not torch.equal(partner, blended.pool.blend(1)[0])  # each view pairs anew
+    assert not torch.equal(partner, blended.pool.pairing(1)[0])  # each view pairs anew
 
 
 def test_a_blend_is_the_same_whatever_the_run_seed_or_the_pool_size():
     split = Split(torch.randint(0, 256, (30, 1, 6, 6), dtype=torch.uint8), torch.arange(30) % 4)
     pools = [Batches(split, 8, "cpu", shuffle=True, seed=seed, views=views, pool_seed=7, mixup=0.4).pool
              for seed, views in ((1, 3), (99, 50))]
-    assert all(torch.equal(a, b) for a, b in zip(pools[0].blend(2), pools[1].blend(2)))
+    assert all(torch.equal(a, b) for a, b in zip(pools[0].pairing(2), pools[1].pairing(2)))
     other_seed = Batches(split, 8, "cpu", views=3, pool_seed=8, mixup=0.4).pool
-    assert not torch.equal(pools[0].blend(2)[1], other_seed.blend(2)[1])
+    assert not torch.equal(pools[0].pairing(2)[1], other_seed.pairing(2)[1])
+
+
+def test_shares_follow_mixups_beta_distribution():
+    """Beta(a, a) has mean 1/2 and variance 1 / (4 (2a + 1)): 0.0463 for a = 0.4."""
+    split = Split(torch.zeros((20000, 1, 4, 4), dtype=torch.uint8), torch.zeros(20000, dtype=torch.long))
+    share = Batches(split, 8, "cpu", views=1, mixup=0.4).pool.pairing(0)[1]
+    assert share.mean().item() == pytest.approx(0.5, abs=0.01)
+    assert share.var().item() == pytest.approx(1 / (4 * 1.8), rel=0.05)
+
+
+def test_processes_blend_their_shards_as_one_process_would():
+    split = Split(torch.randint(0, 256, (16, 1, 6, 6), dtype=torch.uint8), torch.arange(16) % 5)
+    spec = AugmentSpec(crop_padding=2, hflip=True)
+    options = dict(shuffle=True, augment=spec, seed=2, views=2, mixup=0.4)
+    single = Batches(split, 8, "cpu", **options)
+    ranks = [Batches(split, 4, "cpu", rank=r, world_size=2, **options) for r in range(2)]
+    for epoch in range(2):
+        for batches in (single, *ranks):
+            batches.set_epoch(epoch)
+        for whole, *shards in zip(single, *ranks):
+            assert torch.equal(torch.cat([s.x for s in shards]), whole.x)
+            assert torch.equal(torch.cat([s.mix.soft_labels(5) for s in shards]), whole.mix.soft_labels(5))
 
 
 def test_only_pooled_views_blend():
@@ -171,7 +194,7 @@ def test_only_pooled_views_blend():
     with pytest.raises(ValueError, match="mixup blends pooled views only"):
         Batches(split, 2, "cpu", mixup=0.4)
     with pytest.raises(ValueError, match="does not blend"):
-        Batches(split, 2, "cpu", views=2).pool.blend(0)
+        Batches(split, 2, "cpu", views=2).pool.pairing(0)
 
 
 def test_view_pool_without_augmentation_is_the_image_itself():

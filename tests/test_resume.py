@@ -11,7 +11,8 @@ import train
 from kd.checkpoint import load_torch_checkpoint, load_weights
 from kd.errors import UserError
 from kd.training import TrainSettings, train_student
-from tests.conftest import killed_after_first_checkpoint, run_in_process, script_command, signal_each, write_task
+from tests.conftest import (assert_same_run, killed_after_first_checkpoint, run_in_process, script_command,
+                            signal_each, write_task)
 
 
 def train_args(config: Path, output_dir: Path, cache_dir: Path, *extra: str) -> list[str]:
@@ -19,14 +20,6 @@ def train_args(config: Path, output_dir: Path, cache_dir: Path, *extra: str) -> 
     return ["--config", str(config), "--num_epochs", "4", "--alpha", "0.5", "--student_model", "MobileNetV3",
             "--batch_size", "256", "--device", "cpu", "--teacher_epochs", "1", "--teacher_cache", "on",
             "--teacher_cache_views", "2", "--cache_dir", str(cache_dir), "--output_dir", str(output_dir), *extra]
-
-
-def assert_same_run(a: Path, b: Path) -> None:
-    assert (a / "metrics.csv").read_text() == (b / "metrics.csv").read_text()
-    state_a = load_torch_checkpoint(a / "checkpoint_last.pt")
-    state_b = load_torch_checkpoint(b / "checkpoint_last.pt")
-    assert state_a["model"].keys() == state_b["model"].keys()
-    assert all((state_a["model"][k] == state_b["model"][k]).all() for k in state_a["model"])
 
 
 @pytest.mark.slow
@@ -55,6 +48,7 @@ def test_a_resumed_mixup_run_blends_as_the_uninterrupted_one(tmp_path, tiny_teac
                                      str(stopped)], capsys)
     assert resumed == stopped
     assert_same_run(reference, resumed)
+    assert any((tmp_path / "cache").iterdir()) if cache == "auto" else not (tmp_path / "cache").exists()
 
 
 def test_resume_with_more_epochs_trains_on_along_the_longer_cosine_and_names_ignored_flags(tmp_path, tiny_students,

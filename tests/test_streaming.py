@@ -30,10 +30,9 @@ from kd.speed import SpeedSettings
 from kd.students import build_student
 from kd.teachers import TeacherEnsemble, build_teacher
 from kd.training import TrainSettings, train_student
-from tests.conftest import (TINY_STUDENTS, killed_after_first_checkpoint, run_in_process, script_command,
-                            with_random_head)
+from tests.conftest import (TINY_STUDENTS, assert_same_run, killed_after_first_checkpoint, run_in_process,
+                            script_command, with_random_head)
 from tests.test_custom_task import write_colour_folder, write_config
-from tests.test_resume import assert_same_run
 
 CPU = Precision(torch.device("cpu"), None)
 AUGMENT = AugmentSpec(crop_padding=2, hflip=True)
@@ -202,7 +201,7 @@ def test_a_cache_too_large_for_the_disk_budget_is_refused_with_its_size(folder_t
 
 def test_mixup_on_a_streamed_folder_runs_the_teachers_online(folder_task, tmp_path, tiny_students):
     """A streamed pool does not blend (a blend would decode two files per image), so there is no cached blend."""
-    with pytest.raises(UserError, match="--mixup on a streamed image folder: its views are blended as they come"):
+    with pytest.raises(UserError, match="--mixup on a streamed image folder: its batches are blended as they come"):
         train_student(stream_settings(folder_task, tmp_path, mixup=0.4))
     assert not list((tmp_path / "runs").glob("*"))
     run = train_student(stream_settings(folder_task, tmp_path, mixup=0.4, teacher_cache="auto", num_epochs=1))

@@ -23,8 +23,7 @@ from kd.students import build_student
 from kd.record import create_run_dir, run_name
 from kd.teachers import TeacherEnsemble
 from kd.training import RunHooks, TrainSettings, train_student
-from tests.conftest import write_task
-from tests.test_resume import assert_same_run
+from tests.conftest import assert_same_run, write_task
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -121,6 +120,10 @@ def test_mixup_of_a_pooled_batch_gives_its_blend_s_labels_and_draws_nothing():
     blended, soft = Mixup(0.4, 3)(batch)
     assert blended is batch and torch.equal(soft, batch.mix.soft_labels(3))
     assert torch.equal(torch.get_rng_state(), state)  # a resumed run draws where the uninterrupted one did
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+    with pytest.raises(ValueError, match="a blended batch .* needs mixup= for its soft labels"):
+        train_one_epoch(model, [batch], torch.optim.SGD(model.parameters(), lr=0.0), KD(2.0, 0.5),
+                        Precision(torch.device("cpu"), None), progress=False)
 
 
 @pytest.fixture
