@@ -6,6 +6,7 @@ import shlex
 from pathlib import Path
 
 import pytest
+import yaml
 
 import evaluation
 import train
@@ -156,3 +157,18 @@ def test_a_change_of_the_teachers_term_alone_is_held_against_the_reference_runs_
         "+1.33 [-0.10, +2.77] | +2.33 [+0.90, +3.77] | within noise |"]
     longer = [{**r, "budget": {**r["budget"], "num_epochs": 40}} for r in hotter]  # another budget: no labels only
     assert results.technique_rows(longer, reference)[0].split(" | ")[-2] == "-"
+
+
+def test_a_tuning_studys_confirmation_is_judged_from_its_seeds_not_the_verdict_it_stored(tmp_path):
+    # +3 +3 +0 points: mean +2, an interval that holds zero, whatever verdict an older rule wrote down
+    per_seed = {seed: {"tuned": 95.0 + gain, "defaults": 95.0} for seed, gain in ((1, 3.0), (2, 3.0), (3, 0.0))}
+    best = {"study": "TaskA_tiny", "trials": {"complete": 4, "pruned": 1},
+            "best": {"settings": {"lr": 0.005}, "val_acc": 0.97, "test_acc": 0.96, "command": "python train.py"},
+            "defaults": {"test_acc": 0.95},
+            "confirmation": {"test_acc_percent": per_seed, "tuned_mean": 97.0, "tuned_sd": 1.73,
+                             "defaults_mean": 95.0, "defaults_sd": 0.0, "paired_mean": 2.0, "verdict": "gain"}}
+    folder = tmp_path / "tune" / "TaskA_tiny"
+    folder.mkdir(parents=True)
+    (folder / "best.yaml").write_text(yaml.safe_dump(best))
+    confirmation = results.tuning_section(tmp_path)[-2]
+    assert confirmation.endswith("paired +2.00 [-2.30, +6.30] pts: within noise.")
