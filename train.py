@@ -24,7 +24,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", default=DEFAULTS.recipe, metavar="NAME|FILE",
                    help="a YAML file of these flags' values that become the defaults (the command line still "
                         "wins): a shipped recipe of configs/recipes/ by name (quick: task A's quick start; "
-                        "task_b_15min), or a file's path; the run's config.yaml records it")
+                        "task_b_15min, task_b_30min), or a file's path; the run's config.yaml records it")
     p.add_argument("--resume", default=DEFAULTS.resume, metavar="auto|RUN",
                    help="continue a run from its checkpoint_last.pt with the settings it was started with "
                         "(a larger --num_epochs trains on): a run folder, its checkpoint, or auto (the newest "

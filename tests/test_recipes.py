@@ -5,9 +5,10 @@ import yaml
 
 import train
 from kd.cli import RECIPE_DIR, parse_with_recipe
+from kd.experiments.study import budget_of, read_rows, same_budget
 from kd.record import read_record
 from kd.settings import TrainSettings
-from tests.conftest import run_in_process, write_task
+from tests.conftest import ROOT, run_in_process, write_task
 
 QUICK_START = ["--task", "A", "--student_model", "MobileNetV3", "--num_epochs", "40", "--lr", "0.002",
                "--batch_size", "64", "--lr_schedule", "cosine", "--stride_reduction", "2", "--alpha", "0.9",
@@ -29,6 +30,18 @@ def test_every_shipped_recipe_parses_and_leaves_the_seeds_defaults_alone():
     for path in RECIPE_DIR.glob("*.yaml"):
         parse(["--recipe", path.stem])
     assert parse([])["alpha"] == TrainSettings().alpha == 0.1
+
+
+def test_task_bs_30_minute_recipe_is_the_budget_its_published_figure_was_measured_at():
+    options = parse(["--task", "B", "--recipe", "task_b_30min"])
+    options.pop("config"), options.pop("teachers_only")
+    # the study ran on the CPU and named each flag; the recipe serves any device
+    budget = budget_of(TrainSettings(**{**options, "device": "cpu", "recipe": None}))
+    rows = read_rows(ROOT / "evaluation/study/TaskB_27ep_flip_mixup/runs.csv")
+    assert sorted(row["seed"] for row in rows) == [1, 2, 3]
+    for row in rows:
+        assert (row["task"], row["student"], row["arm"], row["alpha"]) == ("B", "MobileNetV3", "uniform", 0.9)
+        assert same_budget(row["budget"], budget), row["budget"]
 
 
 def test_a_recipe_file_by_path_with_booleans_lists_and_method_parameters(tmp_path):
@@ -66,7 +79,7 @@ def test_a_bad_recipe_is_one_line_exit_2(tmp_path, capsys, text, message):
 def test_a_missing_recipe_names_the_shipped_ones(capsys):
     with pytest.raises(SystemExit):
         parse(["--recipe", "nosuch"])
-    assert "no such recipe (shipped: quick, task_b_15min;" in capsys.readouterr().err
+    assert "no such recipe (shipped: quick, task_b_15min, task_b_30min;" in capsys.readouterr().err
 
 
 def test_the_run_records_its_recipe(tmp_path, capsys):
