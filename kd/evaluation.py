@@ -26,6 +26,7 @@ from kd.config import TaskConfig, load_task_config
 from kd.data import Split, TaskData, load_task_data
 from kd.engine import EVAL_BATCH_SIZE, Precision, collect_logits, select_device
 from kd.errors import UserError
+from kd.files import shown_path
 from kd.distillers import make_distiller
 from kd.models import count_parameters
 from kd.report import write_json
@@ -145,8 +146,9 @@ def score_models(config: TaskConfig, settings: TrainSettings, logits: dict, labe
     teachers = {}
     for spec in config.teachers:
         name = f"teacher {spec.name}"
-        teachers[spec.name] = {"arch": spec.arch, "checkpoint": spec.checkpoint, **entry(name),
-                               "agreement_with_student": m.agreement(student_pred, logits[name].argmax(dim=1))}
+        agreement = m.agreement(student_pred, logits[name].argmax(dim=1))
+        teachers[spec.name] = {"arch": spec.arch, "checkpoint": shown_path(config.teacher_checkpoint(spec)),
+                               **entry(name), "agreement_with_student": agreement}
     ensemble = score_ensemble(config, settings, logits, labels, student_pred, speeds)
     ensemble["params"] = sum(t["params"] for t in teachers.values())
     student = {"name": settings.student_model, **entry("student"),
@@ -175,7 +177,7 @@ def score_ensemble(config: TaskConfig, settings: TrainSettings, logits: dict, la
 
 def provenance(run_dir: Path, weights: Path, student_meta: dict, data: TaskData, precision: Precision,
                speed: SpeedSettings, started: float) -> dict:
-    return {"run_dir": str(run_dir), "checkpoint": str(weights),
+    return {"run_dir": shown_path(run_dir), "checkpoint": shown_path(weights),
             "checkpoint_epoch": student_meta.get("epoch"), "checkpoint_val_acc": student_meta.get("val_acc"),
             "test_size": len(data.test), "data_source": data.source, "data_storage": data.storage,
             "device": str(precision.device),

@@ -26,3 +26,10 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def shown_path(path: str | Path) -> str:
+    """`path` as a report shows it: relative to the working directory where it lies under it, so a
+    metrics file names the project's files the same on every machine; as given otherwise."""
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(Path.cwd())) if resolved.is_relative_to(Path.cwd()) else str(path)

@@ -23,6 +23,7 @@ from kd.config import load_task_config
 from kd.errors import UserError
 from kd.evaluation import ensemble_probabilities, evaluate_task
 from kd.evaluation_cli import main_for_task, task_parser
+from kd.files import shown_path
 from kd.record import RunRecord, load_student
 from kd.report import build_summary, format_evaluation_summary, last_line, task_row
 from kd.settings import TrainSettings
@@ -280,8 +281,9 @@ def _snapshot(folder: Path) -> dict:
     return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir()}
 
 
-def test_evaluate_task_writes_metrics_and_figures_and_leaves_the_run_alone(fake_project, tmp_path):
+def test_evaluate_task_writes_metrics_and_figures_and_leaves_the_run_alone(fake_project, tmp_path, monkeypatch):
     before = _snapshot(fake_project["run"])
+    monkeypatch.chdir(fake_project["root"])  # as from the project's root: metrics.json names its files from there
     out = tmp_path / "out"
     result = evaluate_task(fake_project["config"], device="cpu", output_dir=out,
                            runs_root=fake_project["root"] / "runs", speed=SpeedSettings(warmup=0, runs=1,
@@ -294,7 +296,8 @@ def test_evaluate_task_writes_metrics_and_figures_and_leaves_the_run_alone(fake_
         _assert_png(png)
     student, twin = saved["student"], saved["teachers"]["twin"]
     assert saved["provenance"]["test_size"] == 360 and saved["provenance"]["checkpoint_epoch"] == 2
-    assert saved["provenance"]["run_dir"] == str(fake_project["run"])
+    assert saved["provenance"]["run_dir"] == "runs/TaskT_MobileNetV3_T2.0_a0.5"
+    assert saved["teachers"]["twin"]["checkpoint"] == "teachers/twin.safetensors"
     assert sum(c["support"] for c in student["per_class"].values()) == 360
     assert student["accuracy"] == pytest.approx(np.trace(student["confusion_matrix"]) / 360)
     # the twin teacher is the student: same predictions, accuracy and size
@@ -362,3 +365,17 @@ def test_evaluate_task_explains_a_missing_run_or_teacher(fake_project, tmp_path)
     finally:
         moved.rename(fake_project["twin"])
     assert not (tmp_path / "out").exists() and not (tmp_path / "o").exists()
+
+
+def test_a_report_names_files_under_the_working_directory_relative_to_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert shown_path(tmp_path / "teachers" / "a.safetensors") == "teachers/a.safetensors"
+    assert shown_path("/elsewhere/a.safetensors") == "/elsewhere/a.safetensors"
+
+
+def test_the_shipped_evaluations_name_the_projects_files_relative_to_its_root():
+    for metrics in (REPO / "evaluation").glob("Task*/metrics.json"):
+        saved = json.loads(metrics.read_text())
+        paths = [saved["provenance"]["run_dir"], saved["provenance"]["checkpoint"],
+                 *(teacher["checkpoint"] for teacher in saved["teachers"].values())]
+        assert not any(Path(p).is_absolute() for p in paths), (metrics, paths)
