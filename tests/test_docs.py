@@ -172,3 +172,29 @@ def test_a_tuning_studys_confirmation_is_judged_from_its_seeds_not_the_verdict_i
     (folder / "best.yaml").write_text(yaml.safe_dump(best))
     confirmation = results.tuning_section(tmp_path)[-2]
     assert confirmation.endswith("paired +2.00 [-2.30, +6.30] pts: within noise.")
+
+
+def test_a_published_row_says_what_a_run_costs_apart_from_the_runs_that_built_the_teachers_logits():
+    runs = [{**row("uniform", seed, 0.93, temperature=8.0), "wall_s": wall, "built": built}
+            for seed, (wall, built) in enumerate([(2017.0, ""), (2034.0, ""), (6570.0, "cache")], 1)]
+    assert results.wall_text(runs) == "34 min; 110 min for the run that also computed the teachers' logits"
+    runs[1] = {**runs[1], "built": "teachers cache", "wall_s": 6780.0}
+    assert results.wall_text(runs) == ("34 min; 110-113 min for the runs that also trained the teachers and "
+                                       "computed the teachers' logits")
+    assert results.wall_text(runs[:1]) == "34 min"
+    assert results.arm_flags(runs[0]) == ["--alpha 0.6", "--num_epochs 20", "--temperature 8"]
+    labels_only = {**runs[0], "arm": "alpha0", "alpha": 0.0}  # the teachers' term's settings do not apply
+    assert results.arm_flags(labels_only) == ["--alpha 0", "--num_epochs 20"]
+
+
+def test_a_teachers_cost_is_its_epochs_at_its_median_epochs_time_so_a_paused_epoch_does_not_count(tmp_path):
+    folder = tmp_path / "teacher_runs" / "TaskB_tiny"
+    folder.mkdir(parents=True)
+    (folder / "task.yaml").write_text(yaml.safe_dump({"teachers": [{"arch": "resnet10t"}]}))
+    (folder / "metrics.csv").write_text("epoch,val_acc\n1,0.5\n2,0.6\n3,0.7\n")
+    (folder / "train.log").write_text("".join(
+        f"INFO teacher t epoch {e}/3  train loss 1.0 | val loss 1.0 acc 0.5 | lr 1e-3 | {s}s\n"
+        for e, s in ((1, 100.0), (2, 2400.0), (3, 110.0))) + "INFO best epoch 3: val acc 0.7, test acc 0.69\n")
+    [run] = results.teacher_runs(tmp_path)
+    assert (run.arch, run.epochs, run.best_epoch, run.epoch_s) == ("resnet10t", 3, 3, 110.0)
+    assert (run.val_acc, run.test_acc) == pytest.approx((70.0, 69.0))

@@ -1,8 +1,9 @@
-"""The results page (docs/results.md) and the README's results table, made from the files under
-evaluation/, never copied by hand: evaluation.py's summary, the teacher runs, the KD studies
+"""The results page (docs/results.md) and the README's tables of results (the headline studies, the
+methods, the techniques, task B beside the published table), made from the files under evaluation/,
+never copied by hand: evaluation.py's summary, the teacher runs, the KD studies
 (benchmarks/kd_study.py) and the tuning studies (tune.py).
 
-    python -m kd.experiments.results           # rewrite docs/results.md and the README's table
+    python -m kd.experiments.results           # rewrite docs/results.md and the README's tables
     python -m kd.experiments.results --check   # exit 1 when either is not what the files give
 """
 
@@ -18,8 +19,8 @@ from pathlib import Path
 
 import yaml
 
-from kd.experiments.study import (ARMS, BASELINE, ArmStats, budget_of, confidence_interval, or_dash, read_rows,
-                                  same_budget, summarize, verdict)
+from kd.experiments.study import (ARMS, BASELINE, TEACHER_ONLY, ArmStats, budget_of, confidence_interval, or_dash,
+                                  read_rows, same_budget, summarize, verdict)
 from kd.settings import TrainSettings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -40,6 +41,14 @@ TECHNIQUE_STUDIES = ("TaskB_4ep_ema", "TaskB_4ep_ls01", "TaskB_4ep_flip", "TaskB
 # The studies the README's table shows (the page shows every study): the quick start's recipe, train.py's
 # defaults as a new user runs them, and task B's longest study of three seeds with the shipped teachers.
 HEADLINES = ("TaskA_40ep_halved2_a09_T8_mixup", "TaskA_20ep_default_cache", "TaskB_20ep_flip")
+PUBLISHED_START = "<!-- published table: made by python -m kd.experiments.results from evaluation/; do not edit -->"
+PUBLISHED_END = "<!-- end of the published table -->"
+# Task B's student studies the README sets beside the Fashion-MNIST benchmark table, by budget, and the rows
+# of that table (the dataset's README) for the same or the nearest architecture, each shown once
+PUBLISHED_STUDIES = ("TaskB_methods", "TaskB_8ep", "TaskB_20ep_flip", "TaskB_27ep_flip", "TaskB_27ep_flip_mixup")
+PUBLISHED_ROWS = {"cs3darknet_s": "ResNet18: 94.9", "uniform": "MobileNet (v1): 95.0",
+                  BASELINE: "2 Conv layers <100K: 92.5"}
+ARM_NAMES = {BASELINE: "labels only", "uniform": "`kd`"}
 # settings that say where or how fast a run ran, not what it learnt
 NOT_RECIPE = ("device", "amp", "channels_last", "compile", "data_dir", "teacher_epochs", "teacher_weights")
 
@@ -53,6 +62,7 @@ class Study:
     teachers: str | None  # the distilling runs' teachers (runs.csv's content key); None: labels only
     test_images: int | None
     arms: list[ArmStats]
+    runs: list[dict]  # runs.csv's rows of this experiment and student
 
     @property
     def best(self) -> ArmStats | None:
@@ -118,8 +128,9 @@ def read_studies(evaluation: Path) -> list[Study]:
         for budget, teachers, group in budget_groups(rows):
             budget = {**budget, "num_epochs": max(row["epochs"] for row in group)}
             for student, arms in summarize(group).items():
+                runs = [row for row in group if row["student"] == student]
                 studies.append(Study(folder.name, group[0]["task"], student, budget_flags(budget), teachers, images,
-                                     arms))
+                                     arms, runs))
     return studies
 
 
@@ -174,14 +185,12 @@ def readme_table(studies: list[Study]) -> list[str]:
              "vs labels only, paired: mean [95% CI] pts | verdict | test images |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name in HEADLINES:
-        # a folder may hold several experiments (other teachers, budgets): the one of the most seeds, of
-        # equals the latest in runs.csv (an earlier one may have learnt from teachers since retrained)
-        for study in sorted(reversed([s for s in studies if s.name == name]), key=lambda s: -s.seeds)[:1]:
-            for arm in (study.baseline, study.best):
-                if arm is not None:
-                    lines.append(f"| {study.task} | {study.student} | `{study.budget}` | {arm.arm} | "
-                                 f"{len(arm.accuracies)} | {accuracy_text(arm)} | {paired_text(arm)} | "
-                                 f"{arm.verdict} | {study.test_images or '-'} |")
+        study = most_seeds(studies, name)  # a folder may hold several experiments (other teachers, budgets)
+        for arm in (study.baseline, study.best):
+            if arm is not None:
+                lines.append(f"| {study.task} | {study.student} | `{study.budget}` | {arm.arm} | "
+                             f"{len(arm.accuracies)} | {accuracy_text(arm)} | {paired_text(arm)} | "
+                             f"{arm.verdict} | {study.test_images or '-'} |")
     return lines
 
 
@@ -207,22 +216,45 @@ def students_section(evaluation: Path) -> list[str]:
 BEST_EPOCH = re.compile(r"best epoch (\d+): val acc ([\d.]+), test acc ([\d.]+)")
 
 
-def teachers_section(evaluation: Path) -> list[str]:
-    folders = sorted(p for p in (evaluation / "teacher_runs").glob("*") if (p / "train.log").is_file())
-    if not folders:
-        return []
-    lines = ["## Teachers trained by their recipes (`train.py --teachers_only`)", "",
-             "| run | architecture | epochs | best epoch | val acc % | test acc % |", "|---|---|---|---|---|---|"]
-    for folder in folders:
-        found = BEST_EPOCH.findall((folder / "train.log").read_text())
+EPOCH_SECONDS = re.compile(r"epoch \d+/\d+ .*\| ([\d.]+)s$", re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class TeacherRun:
+    name: str
+    arch: str
+    epochs: int
+    best_epoch: int
+    val_acc: float  # percent, of the best epoch, as test_acc
+    test_acc: float
+    epoch_s: float  # the median epoch's seconds: an epoch paused or run beside other work does not count
+
+
+def teacher_runs(evaluation: Path) -> list[TeacherRun]:
+    """The finished teacher runs under evaluation/teacher_runs/, from their logs and task configs."""
+    runs = []
+    for folder in sorted(p for p in (evaluation / "teacher_runs").glob("*") if (p / "train.log").is_file()):
+        log = (folder / "train.log").read_text()
+        found = BEST_EPOCH.findall(log)
         if not found:
             continue
         epoch, val, test = found[-1]
         config = yaml.safe_load(next(folder.glob("*.yaml")).read_text())
-        arch = ", ".join(t["arch"] for t in config["teachers"])
-        epochs = sum(1 for _ in (folder / "metrics.csv").open()) - 1
-        lines.append(f"| {folder.name} | {arch} | {epochs} | {epoch} | {100 * float(val):.2f} | "
-                     f"{100 * float(test):.2f} |")
+        epoch_seconds = [float(s) for s in EPOCH_SECONDS.findall(log)]
+        runs.append(TeacherRun(folder.name, ", ".join(t["arch"] for t in config["teachers"]),
+                               sum(1 for _ in (folder / "metrics.csv").open()) - 1, int(epoch), 100 * float(val),
+                               100 * float(test), statistics.median(epoch_seconds)))
+    return runs
+
+
+def teachers_section(evaluation: Path) -> list[str]:
+    runs = teacher_runs(evaluation)
+    if not runs:
+        return []
+    lines = ["## Teachers trained by their recipes (`train.py --teachers_only`)", "",
+             "| run | architecture | epochs | best epoch | val acc % | test acc % |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r.name} | {r.arch} | {r.epochs} | {r.best_epoch} | {r.val_acc:.2f} | {r.test_acc:.2f} |"
+              for r in runs]
     return lines + ["", "One seed each; the log, metrics and task config of each run in evaluation/teacher_runs/.", ""]
 
 
@@ -285,7 +317,7 @@ def tuning_section(evaluation: Path) -> list[str]:
 def results_page(evaluation: Path, studies: list[Study]) -> str:
     lines = ["# Results", "",
              "Made by `python -m kd.experiments.results` from the files under evaluation/ (a test checks that "
-             "this page and the README's table are what those files give); the discussion of how each was "
+             "this page and the README's tables are what those files give); the discussion of how each was "
              "measured, and earlier releases' figures, are in CHANGELOG.md. Every accuracy is on the test "
              "split, which no choice looked at. All on 2-core x86 CPU machines.", "",
              *students_section(evaluation), *teachers_section(evaluation), *studies_section(studies),
@@ -304,12 +336,70 @@ def with_table(readme: str, table: list[str], markers: tuple[str, str] = (TABLE_
 
 def methods_table(studies: list[Study]) -> list[str]:
     """The README's table of every distillation method: METHODS_STUDY's experiment of the most seeds."""
-    found = sorted((s for s in studies if s.name == METHODS_STUDY), key=lambda s: -s.seeds)
-    if not found:
-        raise ValueError(f"evaluation/study/{METHODS_STUDY} holds no study for the README's methods table")
-    study = found[0]
+    study = most_seeds(studies, METHODS_STUDY)
     return [f"Task {study.task}, {study.student}, `{study.budget}`, {study.test_images} test images:", "",
             *study_table(study)]
+
+
+def published_table(evaluation: Path, studies: list[Study]) -> list[str]:
+    """Task B's evaluated teachers (their training runs), their ensemble and the student's arms of
+    PUBLISHED_STUDIES, each beside PUBLISHED_ROWS' row for its architecture or arm where it first appears."""
+    metrics = json.loads((evaluation / "TaskB" / "metrics.json").read_text())
+    params = {t["arch"]: t["params"] for t in metrics["teachers"].values()}
+    params[metrics["student"]["name"]] = metrics["student"]["params"]
+    unshown = dict(PUBLISHED_ROWS)
+    rows = [("model", "trained here", "seeds", "wall time a run", "test acc %", "published row"), ("---",) * 6]
+    for run in (r for r in teacher_runs(evaluation) if r.name.startswith("TaskB_") and r.arch in params):
+        rows.append((f"teacher {run.arch} ({params[run.arch] / 1e6:.2f}M)", f"{run.epochs} epochs, its recipe", "1",
+                     f"about {run.epochs * run.epoch_s / 60:.0f} min ({run.epoch_s:.0f} s its median epoch)",
+                     f"{run.test_acc:.2f}", unshown.pop(run.arch, "")))
+    ensemble = metrics["ensemble"]
+    rows.append((f"their {ensemble['weighting']} ensemble (T {ensemble['temperature']:g})", "", "", "",
+                 f"{100 * ensemble['accuracy']:.2f}", ""))
+    for name in PUBLISHED_STUDIES:
+        study = most_seeds(studies, name)
+        for arm in (a for a in study.arms if a.arm in ARM_NAMES):
+            runs = [r for r in study.runs if r["arm"] == arm.arm]
+            rows.append((f"student {study.student} ({params[study.student] / 1e6:.2f}M), {ARM_NAMES[arm.arm]}",
+                         f"`{' '.join(arm_flags(runs[0]))}` ({name})",
+                         str(len(arm.accuracies)), wall_text(runs), accuracy_text(arm), unshown.pop(arm.arm, "")))
+    return ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def most_seeds(studies: list[Study], name: str) -> Study:
+    """A study folder's experiment of the most seeds; of equals, the latest in runs.csv (an earlier one
+    may have learnt from teachers since retrained)."""
+    found = sorted(reversed([s for s in studies if s.name == name]), key=lambda s: -s.seeds)
+    if not found:
+        raise ValueError(f"evaluation/study/{name} holds no study for the README")
+    return found[0]
+
+
+def arm_flags(row: dict) -> list[str]:
+    """The flags a run trained with; a labels-only run's without the teachers' term's."""
+    flags = run_flags(row)
+    if row["arm"] != BASELINE:
+        return flags
+    return [f for f in flags if f.split()[0].removeprefix("--") not in TEACHER_ONLY]
+
+
+BUILT = {"teachers": "trained the teachers", "cache": "computed the teachers' logits"}  # runs.csv's built column
+
+
+def wall_text(runs: list[dict]) -> str:
+    """The minutes a run took, those of the runs that first paid for the teachers or their logits apart."""
+    def minutes(values):
+        low, high = round(min(values) / 60), round(max(values) / 60)
+        return f"{low} min" if low == high else f"{low}-{high} min"
+
+    replays = [r["wall_s"] for r in runs if not r["built"]]
+    builders = [r for r in runs if r["built"]]
+    parts = [minutes(replays)] if replays else []
+    if builders:
+        what = " and ".join(BUILT[word] for word in dict.fromkeys(" ".join(r["built"] for r in builders).split()))
+        parts.append(f"{minutes([r['wall_s'] for r in builders])} for the run{'s' * (len(builders) > 1)} that "
+                     f"also {what}")
+    return "; ".join(parts)
 
 
 def technique_rows(technique: list[dict], reference: list[dict]) -> list[str]:
@@ -378,6 +468,7 @@ def expected_files(root: Path = ROOT) -> dict[Path, str]:
     readme = with_table((root / README).read_text(), readme_table(studies))
     readme = with_table(readme, methods_table(studies), (METHODS_START, METHODS_END))
     readme = with_table(readme, techniques_table(evaluation), (TECHNIQUES_START, TECHNIQUES_END))
+    readme = with_table(readme, published_table(evaluation, studies), (PUBLISHED_START, PUBLISHED_END))
     return {root / PAGE: results_page(evaluation, studies), root / README: readme}
 
 
