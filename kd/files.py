@@ -29,7 +29,8 @@ def _umask() -> int:
 
 
 def shown_path(path: str | Path) -> str:
-    """`path` as a report shows it: relative to the working directory where it lies under it, so a
-    metrics file names the project's files the same on every machine; as given otherwise."""
-    resolved = Path(path).resolve()
-    return str(resolved.relative_to(Path.cwd())) if resolved.is_relative_to(Path.cwd()) else str(path)
+    """`path` as a report shows it: relative to the working directory where it lies under it (links not
+    followed), so a metrics file written from the project's root names its files the same on every
+    machine; as given otherwise. Forward slashes on every system."""
+    absolute = Path(path).absolute()
+    return (absolute.relative_to(Path.cwd()) if absolute.is_relative_to(Path.cwd()) else Path(path)).as_posix()

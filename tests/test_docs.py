@@ -182,12 +182,14 @@ def test_a_published_row_says_what_a_run_costs_apart_from_the_runs_that_built_th
     assert results.wall_text(runs) == ("34 min; 110-113 min for the runs that also trained the teachers and "
                                        "computed the teachers' logits")
     assert results.wall_text(runs[:1]) == "34 min"
+    assert results.minutes([570.0, 623.0]) == "9.5-10.4 min"  # to a tenth from under ten minutes
     assert results.arm_flags(runs[0]) == ["--alpha 0.6", "--num_epochs 20", "--temperature 8"]
     labels_only = {**runs[0], "arm": "alpha0", "alpha": 0.0}  # the teachers' term's settings do not apply
     assert results.arm_flags(labels_only) == ["--alpha 0", "--num_epochs 20"]
 
 
-def test_a_teachers_cost_is_its_epochs_at_its_median_epochs_time_so_a_paused_epoch_does_not_count(tmp_path):
+def test_a_teachers_cost_is_as_logged_and_at_its_fastest_quarters_pace_which_a_paused_epoch_does_not_slow(
+        tmp_path):
     folder = tmp_path / "teacher_runs" / "TaskB_tiny"
     folder.mkdir(parents=True)
     (folder / "task.yaml").write_text(yaml.safe_dump({"teachers": [{"arch": "resnet10t"}]}))
@@ -196,5 +198,10 @@ def test_a_teachers_cost_is_its_epochs_at_its_median_epochs_time_so_a_paused_epo
         f"INFO teacher t epoch {e}/3  train loss 1.0 | val loss 1.0 acc 0.5 | lr 1e-3 | {s}s\n"
         for e, s in ((1, 100.0), (2, 2400.0), (3, 110.0))) + "INFO best epoch 3: val acc 0.7, test acc 0.69\n")
     [run] = results.teacher_runs(tmp_path)
-    assert (run.arch, run.epochs, run.best_epoch, run.epoch_s) == ("resnet10t", 3, 3, 110.0)
+    assert (run.arch, run.epochs, run.best_epoch, run.epoch_seconds) == ("resnet10t", 3, 3, [100.0, 2400.0, 110.0])
     assert (run.val_acc, run.test_acc) == pytest.approx((70.0, 69.0))
+    teacher = {"arch": "resnet10t", "accuracy": 0.69}
+    assert results.teacher_cells(teacher, [run]) == (
+        "3 epochs, its recipe", "1", "44 min as logged; about 5 min at its fastest quarter's 100 s an epoch", "69.00")
+    other = {"arch": "resnet10t", "accuracy": 0.70}  # a checkpoint no logged run made
+    assert results.teacher_cells(other, [run])[0] == "no training log in evaluation/teacher_runs/"

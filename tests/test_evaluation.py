@@ -371,6 +371,10 @@ def test_a_report_names_files_under_the_working_directory_relative_to_it(tmp_pat
     monkeypatch.chdir(tmp_path)
     assert shown_path(tmp_path / "teachers" / "a.safetensors") == "teachers/a.safetensors"
     assert shown_path("/elsewhere/a.safetensors") == "/elsewhere/a.safetensors"
+    assert shown_path("runs/x/student.safetensors") == "runs/x/student.safetensors"
+    (tmp_path / "teachers").mkdir()
+    (tmp_path / "shared").symlink_to(tmp_path / "teachers")  # a link is named as it was given, not its target
+    assert shown_path(tmp_path / "shared" / "a.safetensors") == "shared/a.safetensors"
 
 
 def test_the_shipped_evaluations_name_the_projects_files_relative_to_its_root():

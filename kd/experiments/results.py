@@ -227,7 +227,7 @@ class TeacherRun:
     best_epoch: int
     val_acc: float  # percent, of the best epoch, as test_acc
     test_acc: float
-    epoch_s: float  # the median epoch's seconds: an epoch paused or run beside other work does not count
+    epoch_seconds: list[float]  # as logged, in order
 
 
 def teacher_runs(evaluation: Path) -> list[TeacherRun]:
@@ -240,10 +240,9 @@ def teacher_runs(evaluation: Path) -> list[TeacherRun]:
             continue
         epoch, val, test = found[-1]
         config = yaml.safe_load(next(folder.glob("*.yaml")).read_text())
-        epoch_seconds = [float(s) for s in EPOCH_SECONDS.findall(log)]
         runs.append(TeacherRun(folder.name, ", ".join(t["arch"] for t in config["teachers"]),
                                sum(1 for _ in (folder / "metrics.csv").open()) - 1, int(epoch), 100 * float(val),
-                               100 * float(test), statistics.median(epoch_seconds)))
+                               100 * float(test), [float(s) for s in EPOCH_SECONDS.findall(log)]))
     return runs
 
 
@@ -342,28 +341,44 @@ def methods_table(studies: list[Study]) -> list[str]:
 
 
 def published_table(evaluation: Path, studies: list[Study]) -> list[str]:
-    """Task B's evaluated teachers (their training runs), their ensemble and the student's arms of
-    PUBLISHED_STUDIES, each beside PUBLISHED_ROWS' row for its architecture or arm where it first appears."""
+    """Task B's evaluated teachers (each with the training run that made its checkpoint), their ensemble
+    and the student's arms of PUBLISHED_STUDIES, each beside PUBLISHED_ROWS' row for its architecture or
+    arm where it first appears. The flags every student row shares are said once, above the table."""
     metrics = json.loads((evaluation / "TaskB" / "metrics.json").read_text())
     params = {t["arch"]: t["params"] for t in metrics["teachers"].values()}
     params[metrics["student"]["name"]] = metrics["student"]["params"]
     unshown = dict(PUBLISHED_ROWS)
     rows = [("model", "trained here", "seeds", "wall time a run", "test acc %", "published row"), ("---",) * 6]
-    for run in (r for r in teacher_runs(evaluation) if r.name.startswith("TaskB_") and r.arch in params):
-        rows.append((f"teacher {run.arch} ({params[run.arch] / 1e6:.2f}M)", f"{run.epochs} epochs, its recipe", "1",
-                     f"about {run.epochs * run.epoch_s / 60:.0f} min ({run.epoch_s:.0f} s its median epoch)",
-                     f"{run.test_acc:.2f}", unshown.pop(run.arch, "")))
+    for teacher in metrics["teachers"].values():
+        rows.append((f"teacher {teacher['arch']} ({params[teacher['arch']] / 1e6:.2f}M)",
+                     *teacher_cells(teacher, teacher_runs(evaluation)), unshown.pop(teacher["arch"], "")))
     ensemble = metrics["ensemble"]
     rows.append((f"their {ensemble['weighting']} ensemble (T {ensemble['temperature']:g})", "", "", "",
                  f"{100 * ensemble['accuracy']:.2f}", ""))
-    for name in PUBLISHED_STUDIES:
-        study = most_seeds(studies, name)
-        for arm in (a for a in study.arms if a.arm in ARM_NAMES):
-            runs = [r for r in study.runs if r["arm"] == arm.arm]
-            rows.append((f"student {study.student} ({params[study.student] / 1e6:.2f}M), {ARM_NAMES[arm.arm]}",
-                         f"`{' '.join(arm_flags(runs[0]))}` ({name})",
-                         str(len(arm.accuracies)), wall_text(runs), accuracy_text(arm), unshown.pop(arm.arm, "")))
-    return ["| " + " | ".join(row) + " |" for row in rows]
+    students = [(study, arm, [r for r in study.runs if r["arm"] == arm.arm])
+                for study in (most_seeds(studies, name) for name in PUBLISHED_STUDIES)
+                for arm in study.arms if arm.arm in ARM_NAMES]
+    shared = [f for f in arm_flags(students[0][2][0]) if all(f in arm_flags(runs[0]) for _, _, runs in students)]
+    for study, arm, runs in students:
+        size = f" ({params[study.student] / 1e6:.2f}M)" if study.student in params else ""
+        flags = " ".join(f for f in arm_flags(runs[0]) if f not in shared)
+        rows.append((f"student {study.student}{size}, {ARM_NAMES[arm.arm]}", f"`{flags}` ({study.name})",
+                     str(len(arm.accuracies)), wall_text(runs), accuracy_text(arm), unshown.pop(arm.arm, "")))
+    return [f"Every student row also has `{' '.join(shared)}`:", "", *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+def teacher_cells(teacher: dict, runs: list[TeacherRun]) -> tuple[str, str, str, str]:
+    """What trained an evaluated teacher, from the run of its architecture whose logged test accuracy is
+    the checkpoint's (to a hundredth of a point): epochs, seeds, time, test accuracy. Its time is what the
+    logged epochs add up to, and the fastest quarter's pace, which an epoch run beside other work does not
+    slow: a run paused or crowded part of the way counts both."""
+    accuracy = 100 * teacher["accuracy"]
+    run = next((r for r in runs if r.arch == teacher["arch"] and abs(r.test_acc - accuracy) < 0.005), None)
+    if run is None or not run.epoch_seconds:
+        return "no training log in evaluation/teacher_runs/", "1", "-", f"{accuracy:.2f}"
+    quiet = statistics.quantiles(run.epoch_seconds, n=4)[0] if len(run.epoch_seconds) > 1 else run.epoch_seconds[0]
+    return (f"{run.epochs} epochs, its recipe", "1", f"{sum(run.epoch_seconds) / 60:.0f} min as logged; about "
+            f"{run.epochs * quiet / 60:.0f} min at its fastest quarter's {quiet:.0f} s an epoch", f"{accuracy:.2f}")
 
 
 def most_seeds(studies: list[Study], name: str) -> Study:
@@ -387,19 +402,23 @@ BUILT = {"teachers": "trained the teachers", "cache": "computed the teachers' lo
 
 
 def wall_text(runs: list[dict]) -> str:
-    """The minutes a run took, those of the runs that first paid for the teachers or their logits apart."""
-    def minutes(values):
-        low, high = round(min(values) / 60), round(max(values) / 60)
-        return f"{low} min" if low == high else f"{low}-{high} min"
-
+    """The time a run took, those of the runs that first paid for the teachers or their logits apart."""
     replays = [r["wall_s"] for r in runs if not r["built"]]
     builders = [r for r in runs if r["built"]]
     parts = [minutes(replays)] if replays else []
     if builders:
-        what = " and ".join(BUILT[word] for word in dict.fromkeys(" ".join(r["built"] for r in builders).split()))
+        what = " and ".join(BUILT.get(word, word)
+                            for word in dict.fromkeys(" ".join(r["built"] for r in builders).split()))
         parts.append(f"{minutes([r['wall_s'] for r in builders])} for the run{'s' * (len(builders) > 1)} that "
                      f"also {what}")
     return "; ".join(parts)
+
+
+def minutes(seconds: list[float]) -> str:
+    """The range of `seconds` in minutes: to a tenth from under ten minutes, whole ones above."""
+    digits = 1 if min(seconds) < 600 else 0
+    low, high = (f"{value / 60:.{digits}f}" for value in (min(seconds), max(seconds)))
+    return f"{low} min" if low == high else f"{low}-{high} min"
 
 
 def technique_rows(technique: list[dict], reference: list[dict]) -> list[str]:
