@@ -349,19 +349,21 @@ def published_table(evaluation: Path, studies: list[Study]) -> list[str]:
     params[metrics["student"]["name"]] = metrics["student"]["params"]
     unshown = dict(PUBLISHED_ROWS)
     rows = [("model", "trained here", "seeds", "wall time a run", "test acc %", "published row"), ("---",) * 6]
+    logged = teacher_runs(evaluation)
     for teacher in metrics["teachers"].values():
         rows.append((f"teacher {teacher['arch']} ({params[teacher['arch']] / 1e6:.2f}M)",
-                     *teacher_cells(teacher, teacher_runs(evaluation)), unshown.pop(teacher["arch"], "")))
+                     *teacher_cells(teacher, logged), unshown.pop(teacher["arch"], "")))
     ensemble = metrics["ensemble"]
     rows.append((f"their {ensemble['weighting']} ensemble (T {ensemble['temperature']:g})", "", "", "",
                  f"{100 * ensemble['accuracy']:.2f}", ""))
-    students = [(study, arm, [r for r in study.runs if r["arm"] == arm.arm])
+    students = [(study, arm, runs, arm_flags(runs[0]))
                 for study in (most_seeds(studies, name) for name in PUBLISHED_STUDIES)
-                for arm in study.arms if arm.arm in ARM_NAMES]
-    shared = [f for f in arm_flags(students[0][2][0]) if all(f in arm_flags(runs[0]) for _, _, runs in students)]
-    for study, arm, runs in students:
+                for arm in study.arms if arm.arm in ARM_NAMES
+                for runs in [[r for r in study.runs if r["arm"] == arm.arm]]]
+    shared = [f for f in students[0][3] if all(f in flags for *_, flags in students)]
+    for study, arm, runs, all_flags in students:
         size = f" ({params[study.student] / 1e6:.2f}M)" if study.student in params else ""
-        flags = " ".join(f for f in arm_flags(runs[0]) if f not in shared)
+        flags = " ".join(f for f in all_flags if f not in shared)
         rows.append((f"student {study.student}{size}, {ARM_NAMES[arm.arm]}", f"`{flags}` ({study.name})",
                      str(len(arm.accuracies)), wall_text(runs), accuracy_text(arm), unshown.pop(arm.arm, "")))
     return [f"Every student row also has `{' '.join(shared)}`:", "", *("| " + " | ".join(r) + " |" for r in rows)]
