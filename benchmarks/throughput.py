@@ -11,12 +11,16 @@ included), plus the validation accuracy of online and cached KD from the same se
     python benchmarks/throughput.py --task B --quick --efficiency   # each model's step against the matmul peak
     python benchmarks/throughput.py --task B --subset 8192 --batch_sizes 128 512   # the step's rate by batch size
     python benchmarks/throughput.py --task B --subset 4096 --layers   # each model's step, kd.layers against PyTorch's
+    python benchmarks/throughput.py --task B --subset 4096 --allocator   # each model's step, freed memory kept or not
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -24,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from kd.allocator import OPT_OUT, glibc_mallopt, left_to_glibc
 from kd.cache import TeacherLogitCache, teacher_identity
 from kd.cli import positive_int
 from kd.config import load_task_config
@@ -59,6 +64,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", action="store_true",
                    help="only every student's and teacher's labels-only step with the project's faster "
                         "convolutions (kd.layers) against PyTorch's own, timed in turns (images/s, ratio)")
+    p.add_argument("--allocator", action="store_true",
+                   help="only every student's and teacher's labels-only step, each run in new processes with "
+                        "glibc's malloc as it comes and with freed memory kept (kd.allocator), in turns "
+                        "(images/s, ratio)")
+    p.add_argument("--one_model", default=None, help=argparse.SUPPRESS)  # --allocator's child: time this model
     return p
 
 
@@ -209,6 +219,43 @@ def layer_speed(args, task, train_split, precision) -> None:
               f"{rate['fast'] / rate['plain']:5.2f}x")
 
 
+def allocator_speed(args) -> None:
+    """Every model's labels-only training step in new processes, with glibc's malloc as it comes
+    (KD_KEEP_FREED_MEMORY=0) and with freed memory kept: a process cannot go back to glibc's own
+    thresholds once they are set, so each arm runs in its own, two of each in turns."""
+    kept = {name: value for name, value in os.environ.items() if name != OPT_OUT}
+    if glibc_mallopt() is None or left_to_glibc(kept):
+        print("freed memory is kept only with glibc's malloc and no malloc options set: nothing to compare here")
+        return
+    arms = {"glibc": {**kept, OPT_OUT: "0"}, "kept": kept}
+    print(f"labels-only training steps at batch {args.batch_size}, channels_last, each in a new process "
+          f"(best of two); images/s")
+    print(f"  {'model':44s} {'glibc as it comes':>18s} {'freed memory kept':>18s} {'ratio':>6s}")
+    for label in every_model(load_task_config(args.task)):
+        rate = dict.fromkeys(arms, 0.0)
+        for _ in range(2):
+            for arm, environ in arms.items():
+                rate[arm] = max(rate[arm], child_rate(args, label, environ))
+        print(f"  {label:44s} {rate['glibc']:18.0f} {rate['kept']:18.0f} {rate['kept'] / rate['glibc']:5.2f}x")
+
+
+def child_rate(args, label: str, environ: dict[str, str]) -> float:
+    """The images/s that a new process of this script (`--one_model label`) measures under `environ`."""
+    command = [sys.executable, __file__, "--task", args.task, "--batch_size", str(args.batch_size),
+               "--device", args.device, "--one_model", label]
+    command += ["--subset", str(args.subset)] if args.subset else ["--quick"] if args.quick else []
+    done = subprocess.run(command, env=environ, capture_output=True, text=True, check=True)
+    return float(done.stdout.split()[-1])
+
+
+def one_model_rate(args, task, train_split, precision) -> None:
+    """Print the images/s of the labels-only training step of the model labelled `args.one_model`."""
+    model = every_model(task)[args.one_model]()
+    trainer = StudentTrainer(args, task, training_batches(train_split, args.batch_size, task, precision.device),
+                             precision, 0.0, None, model=model)
+    print(best_rates({args.one_model: trainer}, rounds=2)[args.one_model])
+
+
 def batch_scaling(args, task, train_split, precision) -> None:
     """The student's labels-only training step at each of `args.batch_sizes`, timed in turns in one run."""
     trainers = {size: StudentTrainer(args, task, training_batches(train_split, size, task, precision.device),
@@ -223,6 +270,8 @@ def batch_scaling(args, task, train_split, precision) -> None:
 
 
 def main(args) -> None:
+    if args.allocator:
+        return allocator_speed(args)
     torch.set_float32_matmul_precision("high")
     task = load_task_config(args.task)
     device = select_device(args.device)
@@ -236,6 +285,8 @@ def main(args) -> None:
         return batch_scaling(args, task, train_split, precision)
     if args.layers:
         return layer_speed(args, task, train_split, precision)
+    if args.one_model:
+        return one_model_rate(args, task, train_split, precision)
     models, checkpoints, kind = teachers_for(task)
     ensemble = TeacherEnsemble({t.name: m for t, m in zip(task.teachers, models)})
     ensemble.to(device, memory_format=torch.channels_last)  # as train.py does by default

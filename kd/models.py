@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kd.allocator import keep_freed_memory
 from kd.errors import UserError
 from kd.layers import use_fast_layers
 
@@ -22,6 +23,8 @@ from kd.layers import use_fast_layers
 # imported, before torch starts its CPU thread pool: the pool's threads inherit the setting, which set
 # later covers one thread.
 torch.set_flush_denormal(True)
+# Large tensors freed in one training step are allocated again in the next: keep their memory (kd/allocator.py).
+keep_freed_memory()
 
 
 class Normalized(nn.Module):
