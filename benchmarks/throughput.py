@@ -12,6 +12,7 @@ included), plus the validation accuracy of online and cached KD from the same se
     python benchmarks/throughput.py --task B --subset 8192 --batch_sizes 128 512   # the step's rate by batch size
     python benchmarks/throughput.py --task B --subset 4096 --layers   # each model's step, kd.layers against PyTorch's
     python benchmarks/throughput.py --task B --subset 4096 --allocator   # each model's step, freed memory kept or not
+    python benchmarks/throughput.py --task B --subset 4096 --compiled   # each student's step, eager and compiled
 """
 
 from __future__ import annotations
@@ -68,6 +69,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="only every student's and teacher's labels-only step, each run in new processes with "
                         "glibc's malloc as it comes and with freed memory kept (kd.allocator), in turns "
                         "(images/s, ratio)")
+    p.add_argument("--compiled", action="store_true",
+                   help="only every student's labels-only step run eagerly, under torch.compile (--compile), and "
+                        "compiled with PyTorch's convolutions instead of kd.layers', timed in turns (images/s, "
+                        "ratios, seconds of the first compiled epoch)")
     p.add_argument("--one_model", default=None, help=argparse.SUPPRESS)  # --allocator's child: time this model
     return p
 
@@ -219,6 +224,31 @@ def layer_speed(args, task, train_split, precision) -> None:
               f"{rate['fast'] / rate['plain']:5.2f}x")
 
 
+def compile_speed(args, task, train_split, precision) -> None:
+    """Every student's labels-only training step eager, compiled, and compiled with PyTorch's convolutions
+    instead of kd.layers' (the same network and start), timed in turns in one run; a compiled trainer's
+    warm-up epoch holds its compilation."""
+    fresh = training_batches(train_split, args.batch_size, task, precision.device)
+    print(f"labels-only training steps at batch {args.batch_size}, {precision.name}, channels_last, "
+          f"{len(train_split)} images, torch threads {torch.get_num_threads()}; images/s, and the seconds of "
+          f"the first compiled epoch")
+    print(f"  {'student':14s} {'eager':>8s} {'compiled':>9s} {'ratio':>6s} {'first':>6s} "
+          f"{'compiled, PyTorch layers':>25s} {'ratio':>6s} {'first':>6s}")
+    for name in STUDENT_ARCHS:
+        args.student_model = name
+        plain = build_student(name, task)
+        use_plain_layers(plain)
+        trainers, first = {"eager": StudentTrainer(args, task, fresh, precision, 0.0, None)}, {}
+        for arm, model in (("compiled", None), ("plain", plain)):
+            torch._dynamo.reset()  # each compilation timed from scratch
+            trainers[arm], first[arm] = timed(lambda model=model: StudentTrainer(
+                args, task, fresh, precision, 0.0, None, compiled=True, model=model))
+        rate = best_rates(trainers, 3)
+        print(f"  {name:14s} {rate['eager']:8.0f} {rate['compiled']:9.0f} {rate['compiled'] / rate['eager']:5.2f}x "
+              f"{first['compiled']:5.0f}s {rate['plain']:25.0f} {rate['plain'] / rate['eager']:5.2f}x "
+              f"{first['plain']:5.0f}s")
+
+
 def allocator_speed(args) -> None:
     """Every model's labels-only training step in new processes, with glibc's malloc as it comes
     (KD_KEEP_FREED_MEMORY=0) and with freed memory kept: a process cannot go back to glibc's own
@@ -287,6 +317,8 @@ def main(args) -> None:
         return layer_speed(args, task, train_split, precision)
     if args.one_model:
         return one_model_rate(args, task, train_split, precision)
+    if args.compiled:
+        return compile_speed(args, task, train_split, precision)
     models, checkpoints, kind = teachers_for(task)
     ensemble = TeacherEnsemble({t.name: m for t, m in zip(task.teachers, models)})
     ensemble.to(device, memory_format=torch.channels_last)  # as train.py does by default
